@@ -1,0 +1,160 @@
+"""The one entry point: run the bot, or an admin command (migrate, check-config, train, eval)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.config import Settings, describe_error, env_example, masked
+
+log = logging.getLogger("run_bot")
+
+ADAPTERS = ("console", "discord", "slack")
+
+DESCRIPTION = """\
+A chat bot server for Discord, Slack and the terminal, answered by our own GPT.
+
+With no command it starts every adapter whose credentials are configured
+(DISCORD_TOKEN for Discord, SLACK_BOT_TOKEN for Slack) and the terminal chat
+when none are. Settings come from the environment and .env (see .env.example);
+`check-config` shows the effective ones."""
+
+
+class UserError(Exception):
+    """A problem the admin can fix (bad setting, missing model, unreachable database); printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_bot.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--adapter",
+        choices=ADAPTERS,
+        action="append",
+        help="run only this adapter (repeatable); default: every configured one, else the terminal",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("migrate", help="apply database migrations up to the newest schema, then exit")
+    check = commands.add_parser("check-config", help="print the effective settings (secrets masked) and exit")
+    check.add_argument("--example", action="store_true", help="print a .env.example with every setting instead")
+    from model.evaluate import add_eval_arguments
+    from model.train import add_train_arguments
+
+    add_train_arguments(commands.add_parser("train", help="train a model on dialogue corpora (see --help)"))
+    add_eval_arguments(commands.add_parser("eval", help="report loss, perplexity and bits per byte of a model"))
+    return parser
+
+
+def chosen_adapters(settings: Settings, requested: Sequence[str] | None) -> list[str]:
+    """The adapters to start: those asked for, else every configured one, else the terminal."""
+    if requested:
+        return list(dict.fromkeys(requested))
+    configured = []
+    if settings.discord_token is not None:
+        configured.append("discord")
+    if settings.slack_bot_token is not None:
+        configured.append("slack")
+    return configured or ["console"]
+
+
+async def open_database(settings: Settings) -> AsyncEngine:
+    """The database engine, migrated to the newest schema."""
+    from sqlalchemy.exc import DBAPIError
+
+    from storage.db import make_engine, migrate
+
+    try:
+        db = make_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout,
+        )
+    except ValueError as exc:
+        raise UserError(f"BOT_DATABASE_URL: {exc}") from exc
+    try:
+        await migrate(db)
+    except (OSError, DBAPIError) as exc:
+        await db.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise UserError(f"cannot use the database: {reason}. Check BOT_DATABASE_URL.") from exc
+    return db
+
+
+async def migrate_only(settings: Settings) -> None:
+    db = await open_database(settings)
+    await db.dispose()
+
+
+async def serve(settings: Settings, adapter_names: list[str]) -> None:
+    """Build the parts in order (database, model, core, adapters) and run the adapters until they end."""
+    from bot.console_adapter import ConsoleAdapter
+    from bot.sessions import SessionManager
+    from model.checkpoint import CheckpointError, load_model
+    from model.engine import InferenceEngine
+    from storage.db import make_session_factory
+
+    missing = [name for name in adapter_names if name != "console"]
+    if missing:
+        raise UserError(
+            f"the {', '.join(missing)} adapter is not part of this version yet; "
+            "unset its credentials or run with --adapter console"
+        )
+    try:
+        loaded = await asyncio.to_thread(load_model, settings.model_path, settings.device)
+    except CheckpointError as exc:
+        raise UserError(f"cannot load the model in BOT_MODEL_PATH={settings.model_path}: {exc}") from exc
+    log.info("model %s loaded (%s parameters)", loaded.name, f"{loaded.model.num_params():,}")
+    db = await open_database(settings)
+    inference = InferenceEngine(loaded, torch_threads=settings.torch_threads)
+    try:
+        manager = SessionManager(settings, make_session_factory(db), inference)
+        await ConsoleAdapter(manager).run()
+    finally:
+        inference.close()
+        await db.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("train", "eval"):
+        from model.evaluate import run_eval
+        from model.train import run_train
+
+        return run_train(args) if args.command == "train" else run_eval(args)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"Invalid configuration:\n{describe_error(exc)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "check-config":
+        if args.example:
+            print(env_example(), end="")
+        else:
+            for name, value in masked(settings).items():
+                print(f"{name}={value}")
+        return 0
+    try:
+        if args.command == "migrate":
+            asyncio.run(migrate_only(settings))
+            print("Database is at the newest schema.")
+        else:
+            asyncio.run(serve(settings, chosen_adapters(settings, args.adapter)))
+    except UserError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Settings: validation messages, masking of secrets, and .env.example kept complete."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from bot.config import Settings, describe_error, env_example, env_name, masked
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("BOT_") or name in {"DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN"}:
+            monkeypatch.delenv(name)
+
+
+BAD_VALUES = [
+    ("BOT_TEMPERATURE", "hot", "valid number"),
+    ("BOT_TEMPERATURE", "5", "less than or equal to 2"),
+    ("BOT_TOP_P", "0", "greater than 0"),
+    ("BOT_TOP_K", "-1", "greater than or equal to 0"),
+    ("BOT_MAX_REPLY_TOKENS", "0", "greater than or equal to 1"),
+    ("BOT_MAX_REPLY_TOKENS", "lots", "valid integer"),
+    ("BOT_REPETITION_PENALTY", "0.5", "greater than or equal to 1"),
+    ("BOT_DATABASE_URL", "postgresql://localhost/db", "needs an async driver"),
+    ("BOT_DATABASE_URL", "  ", "must not be empty"),
+    ("BOT_DB_POOL_SIZE", "0", "greater than or equal to 1"),
+    ("BOT_DB_POOL_TIMEOUT", "-3", "greater than 0"),
+    ("BOT_MODEL_PATH", "/nonexistent/model", "no such folder"),
+    ("BOT_DEVICE", "tpu", "'cpu' or 'cuda'"),
+    ("BOT_TORCH_THREADS", "-2", "greater than or equal to 0"),
+    ("BOT_LOG_LEVEL", "LOUD", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
+    ("BOT_PERSONA", "x" * 2001, "at most 2000 characters"),
+    ("BOT_MAX_MESSAGE_CHARS", "0", "greater than or equal to 1"),
+    ("BOT_HISTORY_MESSAGES", "-1", "greater than or equal to 0"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "problem"), BAD_VALUES)
+def test_each_bad_value_names_variable_problem_and_expectation(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None)
+    message = describe_error(caught.value)
+    assert message.startswith(f"{name}=")
+    assert problem in message
+    field = name.removeprefix("BOT_").lower()
+    assert f"expected {Settings.model_fields[field].description}" in message
+
+
+def test_every_setting_is_in_env_example_with_its_default() -> None:
+    text = (ROOT / ".env.example").read_text()
+    assert text == env_example(), "regenerate with: python run_bot.py check-config --example > .env.example"
+    for field in Settings.model_fields:
+        assert f"\n{env_name(field)}=" in text
+
+
+def test_platform_secrets_use_the_platforms_names_and_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", "discord-secret-value")
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-secret-value")
+    monkeypatch.setenv("SLACK_SIGNING_SECRET", "   ")
+    settings = Settings(_env_file=None)
+    assert settings.discord_token is not None
+    assert settings.discord_token.get_secret_value() == "discord-secret-value"
+    assert settings.slack_signing_secret is None  # blank means not set
+    shown = masked(settings)
+    assert shown["DISCORD_TOKEN"] == "********"
+    assert shown["SLACK_SIGNING_SECRET"] == "(not set)"
+    assert "secret-value" not in repr(settings) + str(shown)
+
+
+def test_dotenv_file_is_read(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("BOT_TEMPERATURE=0.3\nSLACK_APP_TOKEN=xapp-1\n")
+    settings = Settings(_env_file=env)
+    assert settings.temperature == 0.3
+    assert settings.slack_app_token is not None
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BOT_") and "TOKEN" not in k and "SECRET" not in k}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_bot.py"), *args],
+        env={**base, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_wrong_value_stops_start_up_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    result = run_cli(env={"BOT_TEMPERATURE": "hot", "BOT_DEVICE": "tpu"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "BOT_TEMPERATURE='hot'" in result.stderr
+    assert "BOT_DEVICE='tpu'" in result.stderr
+
+
+def test_check_config_prints_effective_settings_with_secrets_masked(tmp_path: Path) -> None:
+    result = run_cli("check-config", env={"DISCORD_TOKEN": "very-secret-token", "BOT_TOP_K": "7"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "very-secret-token" not in result.stdout + result.stderr
+    assert "DISCORD_TOKEN=********" in result.stdout
+    assert "BOT_TOP_K=7" in result.stdout
+    assert "SLACK_BOT_TOKEN=(not set)" in result.stdout
