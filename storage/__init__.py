@@ -1,0 +1,1 @@
+"""Persistence: ORM models, engine and migrations, and one-query data-access functions."""

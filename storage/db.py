@@ -1,0 +1,155 @@
+"""Async engine and session factory from a URL, and migrations run from code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+_SUPPORTED = "use sqlite+aiosqlite:///path/to/bot.db or postgresql+asyncpg://user:password@host/dbname"
+
+
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    pool_timeout: float = 30.0,
+    echo: bool = False,
+) -> AsyncEngine:
+    """Create an async engine for SQLite (aiosqlite) or PostgreSQL (asyncpg).
+
+    SQLite: the file's folder is created; every connection gets WAL, foreign keys and
+    a busy timeout of `pool_timeout`; every transaction starts with BEGIN IMMEDIATE,
+    i.e. holds the database's single write lock until it ends, so keep sessions short
+    (never open across a model generation). Raises ValueError for a URL that cannot
+    be parsed or names another database or a non-async driver.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"could not parse the database URL: {_SUPPORTED}") from None
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    if backend == "sqlite" and driver == "aiosqlite":
+        return _make_sqlite_engine(
+            parsed, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout, echo=echo
+        )
+    if backend == "postgresql" and driver == "asyncpg":
+        return create_async_engine(
+            parsed,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=pool_timeout,
+            pool_pre_ping=True,
+            echo=echo,
+        )
+    shown = parsed.render_as_string(hide_password=True)
+    if backend in ("sqlite", "postgresql"):
+        problem = f"{shown!r} uses the driver {driver!r}, which is not an async driver"
+    else:
+        problem = f"{shown!r} is a {backend!r} database, which is not supported"
+    raise ValueError(f"unsupported database URL: {problem}; {_SUPPORTED}")
+
+
+def _is_memory_database(url: URL) -> bool:
+    return url.database in (None, "", ":memory:")
+
+
+def _make_sqlite_engine(
+    url: URL, *, pool_size: int, max_overflow: int, pool_timeout: float, echo: bool
+) -> AsyncEngine:
+    pool_args: dict[str, Any] = {}
+    if not _is_memory_database(url):
+        assert url.database is not None
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        # Only file databases get a queue pool; :memory: uses a StaticPool without these knobs.
+        pool_args = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
+    engine = create_async_engine(url, echo=echo, **pool_args)
+    busy_timeout_ms = int(pool_timeout * 1000)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Stop the sqlite3 module from issuing its own (late, DML-only) BEGIN; _on_begin
+        # issues it instead, which makes SAVEPOINT and transactional DDL behave.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        # IMMEDIATE takes the write lock up front (waiting up to busy_timeout). A deferred
+        # transaction that reads and then writes fails at once with "database is locked"
+        # when another connection wrote in between; SQLite has one writer anyway.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """A session factory whose objects stay usable after commit."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def _alembic_config() -> Config:
+    # No alembic.ini: its logging section would reconfigure the application's logging.
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    return config
+
+
+async def _run_alembic(engine: AsyncEngine, fn: Callable[[Config, str], None], revision: str) -> None:
+    config = _alembic_config()
+
+    def run(connection: Connection) -> None:
+        config.attributes["connection"] = connection
+        fn(config, revision)
+
+    # A connection with no transaction open: env.py begins and commits it, after it has
+    # switched SQLite's foreign keys off (which cannot be done inside a transaction).
+    async with engine.connect() as connection:
+        await connection.run_sync(run)
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """Upgrade the database to `revision`; safe to call from inside a running event loop."""
+    await _run_alembic(engine, command.upgrade, revision)
+
+
+async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    """Downgrade the database to `revision` ("base" removes every table)."""
+    await _run_alembic(engine, command.downgrade, revision)
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The revision the database is at, or None when it was never migrated."""
+
+    def read(connection: Connection) -> str | None:
+        return MigrationContext.configure(connection).get_current_revision()
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(read)
+
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "current_revision",
+    "downgrade",
+    "make_engine",
+    "make_session_factory",
+    "migrate",
+]

@@ -1,0 +1,267 @@
+"""Data access: one small query per function, the session passed in by keyword.
+
+Transactions: callers own them. No function here commits or rolls back; each one
+flushes what it wrote so ids and defaults are filled in, and the caller commits the
+unit of work (typically one incoming message) with ``await session.commit()``.
+
+The get-or-create functions are safe when several sessions race to create the same
+row: they insert with ``INSERT ... ON CONFLICT DO NOTHING`` and re-read the winner's
+row, so they need no savepoint and never leave the transaction in a failed state.
+On PostgreSQL the losing INSERT waits until the winning transaction commits; on
+SQLite every transaction takes the write lock at BEGIN (see storage.db), so racing
+sessions simply run one after another.
+
+Text: PostgreSQL cannot store NUL ("\\x00") in text columns, so every stored string
+has its NUL characters removed, on SQLite too, so both backends keep the same text.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import (
+    DISPLAY_NAME_LENGTH,
+    MESSAGE_ROLES,
+    MESSAGE_STATUSES,
+    PLATFORMS,
+    Conversation,
+    Identity,
+    Message,
+    User,
+    utcnow,
+)
+
+
+def strip_nul(text: str) -> str:
+    """The text without NUL characters, which PostgreSQL cannot store in text columns."""
+    return text.replace("\x00", "")
+
+
+def _insert(session: AsyncSession, model: type) -> postgresql.Insert | sqlite.Insert:
+    """A dialect-specific INSERT that supports ON CONFLICT."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    if dialect == "sqlite":
+        return sqlite.insert(model)
+    raise NotImplementedError(f"no upsert for the {dialect!r} dialect")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _identity_key(platform: str, workspace_id: str, platform_user_id: str) -> Select[tuple[Identity]]:
+    return select(Identity).where(
+        Identity.platform == platform,
+        Identity.workspace_id == workspace_id,
+        Identity.platform_user_id == platform_user_id,
+    )
+
+
+async def get_or_create_user(
+    session: AsyncSession,
+    *,
+    platform: str,
+    workspace_id: str,
+    platform_user_id: str,
+    display_name: str,
+) -> User:
+    """The user behind a platform account, created with its identity on first contact.
+
+    Also records that the user was seen now and keeps the identity's display name
+    current (NULs removed, cut to DISPLAY_NAME_LENGTH). Race-safe: concurrent first contacts for one account, each in its own
+    session, all get the same single user. The caller commits.
+    """
+    _check_choice("platform", platform, PLATFORMS)
+    # Cut to the column's length: PostgreSQL would refuse a longer name, SQLite keep it.
+    display_name = strip_nul(display_name)[:DISPLAY_NAME_LENGTH]
+    now = utcnow()
+    identity = await session.scalar(_identity_key(platform, workspace_id, platform_user_id))
+    if identity is None:
+        identity = await _create_identity(
+            session,
+            platform=platform,
+            workspace_id=workspace_id,
+            platform_user_id=platform_user_id,
+            display_name=display_name,
+        )
+    elif identity.display_name != display_name:
+        identity.display_name = display_name
+    user = await session.get_one(User, identity.user_id)
+    user.last_seen_at = now
+    await session.flush()
+    return user
+
+
+async def _create_identity(
+    session: AsyncSession,
+    *,
+    platform: str,
+    workspace_id: str,
+    platform_user_id: str,
+    display_name: str,
+) -> Identity:
+    """Insert a new user and its identity; if another session won the race, use theirs."""
+    user = User(display_name=display_name)
+    session.add(user)
+    await session.flush()
+    inserted = await session.scalar(
+        _insert(session, Identity)
+        .values(
+            user_id=user.id,
+            platform=platform,
+            workspace_id=workspace_id,
+            platform_user_id=platform_user_id,
+            display_name=display_name,
+        )
+        .on_conflict_do_nothing(index_elements=["platform", "workspace_id", "platform_user_id"])
+        .returning(Identity.id)
+    )
+    if inserted is None:
+        # Someone else created this account first: drop our user and use theirs.
+        await session.delete(user)
+        await session.flush()
+    identity = await session.scalar(
+        _identity_key(platform, workspace_id, platform_user_id).execution_options(populate_existing=True)
+    )
+    assert identity is not None, "the identity was inserted or already existed"
+    return identity
+
+
+async def get_active_conversation(
+    session: AsyncSession, *, user_id: int, platform: str, place: str, is_dm: bool
+) -> Conversation:
+    """The user's active conversation in `place`, started if there is none. Race-safe; the caller commits."""
+    conversation = await _find_active_conversation(session, user_id=user_id, place=place)
+    if conversation is not None:
+        return conversation
+    return await _insert_active_conversation(
+        session, user_id=user_id, platform=platform, place=place, is_dm=is_dm
+    )
+
+
+async def start_new_conversation(
+    session: AsyncSession, *, user_id: int, platform: str, place: str, is_dm: bool
+) -> Conversation:
+    """Deactivate the user's conversation in `place` and start a fresh one. The caller commits.
+
+    Two concurrent resets of one place end with a single new active conversation,
+    which both calls return.
+    """
+    await session.execute(
+        update(Conversation)
+        .where(Conversation.user_id == user_id, Conversation.place == place, Conversation.active)
+        .values(active=False)
+        .execution_options(synchronize_session="fetch")
+    )
+    return await _insert_active_conversation(
+        session, user_id=user_id, platform=platform, place=place, is_dm=is_dm
+    )
+
+
+async def _find_active_conversation(
+    session: AsyncSession, *, user_id: int, place: str
+) -> Conversation | None:
+    return await session.scalar(
+        select(Conversation)
+        .where(Conversation.user_id == user_id, Conversation.place == place, Conversation.active)
+        .execution_options(populate_existing=True)
+    )
+
+
+async def _insert_active_conversation(
+    session: AsyncSession, *, user_id: int, platform: str, place: str, is_dm: bool
+) -> Conversation:
+    _check_choice("platform", platform, PLATFORMS)
+    await session.execute(
+        _insert(session, Conversation)
+        .values(user_id=user_id, platform=platform, place=place, is_dm=is_dm, active=True)
+        .on_conflict_do_nothing(
+            index_elements=["user_id", "place"], index_where=Conversation.active
+        )
+    )
+    conversation = await _find_active_conversation(session, user_id=user_id, place=place)
+    assert conversation is not None, "the conversation was inserted or already existed"
+    return conversation
+
+
+async def add_message(
+    session: AsyncSession,
+    *,
+    conversation_id: int,
+    role: str,
+    text: str,
+    token_count: int,
+    model_name: str | None = None,
+    generation_ms: int | None = None,
+    status: str = "ok",
+) -> Message:
+    """Append a message to a conversation; NUL characters are removed from `text`. The caller commits."""
+    _check_choice("role", role, MESSAGE_ROLES)
+    _check_choice("status", status, MESSAGE_STATUSES)
+    message = Message(
+        conversation_id=conversation_id,
+        role=role,
+        text=strip_nul(text),
+        token_count=token_count,
+        model_name=model_name,
+        generation_ms=generation_ms,
+        status=status,
+    )
+    session.add(message)
+    await session.flush()
+    return message
+
+
+async def update_message(
+    session: AsyncSession,
+    *,
+    message_id: int,
+    text: str | None = None,
+    token_count: int | None = None,
+    generation_ms: int | None = None,
+    status: str | None = None,
+) -> Message:
+    """Change the given fields of a message, e.g. to finish a streamed bot turn. The caller commits.
+
+    Raises LookupError if there is no such message.
+    """
+    message = await session.get(Message, message_id)
+    if message is None:
+        raise LookupError(f"no message with id {message_id}")
+    if text is not None:
+        message.text = strip_nul(text)
+    if token_count is not None:
+        message.token_count = token_count
+    if generation_ms is not None:
+        message.generation_ms = generation_ms
+    if status is not None:
+        _check_choice("status", status, MESSAGE_STATUSES)
+        message.status = status
+    await session.flush()
+    return message
+
+
+async def recent_messages(session: AsyncSession, *, conversation_id: int, limit: int) -> list[Message]:
+    """The newest `limit` messages of a conversation, oldest first."""
+    newest_first = await session.scalars(
+        select(Message)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(Message.id.desc())
+        .limit(limit)
+    )
+    return list(reversed(newest_first.all()))
+
+
+async def count_messages(session: AsyncSession, *, user_id: int | None = None) -> int:
+    """How many messages are stored, in all or in one user's conversations."""
+    query = select(func.count(Message.id))
+    if user_id is not None:
+        query = query.join(Conversation, Conversation.id == Message.conversation_id).where(
+            Conversation.user_id == user_id
+        )
+    return (await session.scalar(query)) or 0
