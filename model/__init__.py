@@ -1,0 +1,1 @@
+"""Our GPT: network, tokenizer, sampling and checkpoints."""
