@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import jinja2
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -115,8 +116,14 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
     db = await open_database(settings)
     inference = InferenceEngine(loaded, torch_threads=settings.torch_threads)
     try:
-        manager = SessionManager(settings, make_session_factory(db), inference)
-        await ConsoleAdapter(manager).run()
+        try:
+            manager = SessionManager(settings, make_session_factory(db), inference)
+        except jinja2.TemplateError as exc:
+            raise UserError(f"BOT_PROMPT_TEMPLATE: the template does not load: {exc}") from exc
+        try:
+            await ConsoleAdapter(manager).run()
+        finally:
+            await manager.close()
     finally:
         inference.close()
         await db.dispose()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.accounts import parse_refs
 
 # The model that ships with the bot, found beside the code so any working directory works.
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "model" / "shipped"
@@ -17,6 +20,9 @@ SECRET_ENV_NAMES = {
     "slack_signing_secret": "SLACK_SIGNING_SECRET",
     "slack_app_token": "SLACK_APP_TOKEN",
 }
+# Every setting read under a platform's own name, secret or not; the reverse maps error locations back to fields.
+PLATFORM_ENV_NAMES = {**SECRET_ENV_NAMES, "slack_api_url": "SLACK_API_URL"}
+FIELDS_BY_ENV_NAME = {name: field for field, name in PLATFORM_ENV_NAMES.items()}
 
 
 class Settings(BaseSettings):
@@ -66,6 +72,54 @@ class Settings(BaseSettings):
         200, ge=0, le=10_000, description="most recent messages read from the database when building a prompt"
     )
 
+    # Access (see bot/access.py): comma-separated lists; an empty allow list allows everyone.
+    admins: str = Field(
+        "",
+        description="admin accounts, comma-separated platform:user or platform:workspace/user, "
+        "e.g. discord:1234,slack:T01ABC/U02DEF",
+    )
+    allow_users: str = Field("", description="if set, only these accounts may use the bot; same form as BOT_ADMINS")
+    deny_users: str = Field("", description="accounts the bot ignores; same form as BOT_ADMINS")
+    allow_channels: str = Field(
+        "",
+        description="if set, the bot answers only in these channels (DMs are not channels), "
+        "comma-separated platform:channel or platform:workspace/channel",
+    )
+    deny_channels: str = Field("", description="channels the bot ignores; same form as BOT_ALLOW_CHANNELS")
+    allow_workspaces: str = Field(
+        "",
+        description="if set, the bot answers only in these Discord guilds or Slack workspaces, "
+        "comma-separated platform:workspace, e.g. discord:1234,slack:T01ABC",
+    )
+    deny_workspaces: str = Field(
+        "", description="guilds and workspaces the bot ignores; same form as BOT_ALLOW_WORKSPACES"
+    )
+
+    # Privacy and limits
+    history_retention_days: int = Field(
+        0, ge=0, le=36_500, description="delete messages older than this many days, 0 = keep forever (up to 36500)"
+    )
+    daily_token_quota: int = Field(
+        0, ge=0, description="tokens a user may use per UTC day, prompts and replies together, 0 = unlimited"
+    )
+    link_code_ttl_minutes: int = Field(
+        10, ge=1, le=1440, description="minutes an account link code stays valid, 1 to 1440"
+    )
+
+    # Conversations: prompt and fairness
+    prompt_template: Path | None = Field(
+        None, description="a Jinja2 prompt template file; empty = the default bot/templates/chat.j2"
+    )
+    rate_limit: str = Field(
+        "10/minute", description="messages one account may send, as N/second, N/minute or N/hour; 0/minute = no limit"
+    )
+    max_waiting_per_user: int = Field(
+        3, ge=1, le=1000, description="messages of one user in one place that may wait for their turn, 1 to 1000"
+    )
+    reply_timeout: float = Field(
+        60.0, gt=0, le=3600, description="seconds a reply may take before it is cancelled, above 0 up to 3600"
+    )
+
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="log level: DEBUG, INFO, WARNING or ERROR"
@@ -83,6 +137,26 @@ class Settings(BaseSettings):
     )
     slack_app_token: SecretStr | None = Field(
         None, validation_alias="SLACK_APP_TOKEN", description="Slack app-level token (xapp-...); enables Socket Mode"
+    )
+
+    # Slack adapter (see bot/slack_adapter.py and README "Slack").
+    slack_api_url: str | None = Field(
+        None,
+        validation_alias="SLACK_API_URL",
+        description="Slack Web API base URL, http(s)://.../api/; empty = https://slack.com/api/ "
+        "(GovSlack: https://slack-gov.com/api/)",
+    )
+    http_host: str = Field(
+        "127.0.0.1",
+        description="address the Slack HTTP endpoint listens on (HTTP mode); 127.0.0.1 behind a TLS proxy "
+        "or tunnel on this machine, 0.0.0.0 to accept connections from elsewhere (e.g. in a container)",
+    )
+    http_port: int = Field(
+        3000, ge=1, le=65535, description="port of the Slack HTTP endpoint /slack/events (HTTP mode), 1 to 65535"
+    )
+    slack_command: str = Field(
+        "/gpt",
+        description="the Slack slash command, as in the app manifest: / and 1 to 31 lowercase letters, digits, _ or -",
     )
 
     @field_validator("database_url")
@@ -109,15 +183,83 @@ class Settings(BaseSettings):
             raise ValueError("must not contain NUL characters")
         return value
 
+    @field_validator("admins", "allow_users", "deny_users", "allow_channels", "deny_channels")
+    @classmethod
+    def _account_refs(cls, value: str) -> str:
+        return ",".join(str(ref) for ref in parse_refs(value))
+
+    @field_validator("allow_workspaces", "deny_workspaces")
+    @classmethod
+    def _workspace_refs(cls, value: str) -> str:
+        return ",".join(str(ref) for ref in parse_refs(value, scoped=False))
+
+    @field_validator("prompt_template", mode="before")
+    @classmethod
+    def _blank_is_default(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("no such file")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        parse_rate(value)
+        return value
+
+    @field_validator("slack_api_url", mode="before")
+    @classmethod
+    def _blank_is_default_url(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("slack_api_url")
+    @classmethod
+    def _api_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must start with https:// or http://")
+        # slack_sdk joins method names onto the URL, which drops a last path part without "/".
+        return value if value.endswith("/") else value + "/"
+
+    @field_validator("http_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("slack_command")
+    @classmethod
+    def _slash_command(cls, value: str) -> str:
+        if not re.fullmatch(r"/[a-z0-9_-]{1,31}", value):
+            raise ValueError("must be / and 1 to 31 lowercase letters, digits, _ or -")
+        return value
+
     @field_validator("discord_token", "slack_bot_token", "slack_signing_secret", "slack_app_token", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
 
+PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """'10/minute' → (10, 60.0): how many messages per how many seconds."""
+    count, _, period = text.strip().partition("/")
+    if not count.strip().isdigit() or period.strip() not in PERIODS:
+        raise ValueError("must look like 10/minute")
+    return int(count), PERIODS[period.strip()]
+
+
 def env_name(field: str) -> str:
     """The environment variable that sets a field."""
-    return SECRET_ENV_NAMES.get(field) or "BOT_" + field.upper()
+    return PLATFORM_ENV_NAMES.get(field) or "BOT_" + field.upper()
 
 
 def describe_error(error: ValidationError) -> str:
@@ -125,6 +267,7 @@ def describe_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else ""
+        field = FIELDS_BY_ENV_NAME.get(field, field)  # fields read under a platform's name report that name
         name = env_name(field) if field in Settings.model_fields else field.upper()
         info = Settings.model_fields.get(field)
         value = "(hidden)" if field in SECRET_ENV_NAMES else repr(item.get("input"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import threading
+from pathlib import Path
 import sys
 from typing import TextIO
 
@@ -81,6 +82,10 @@ class ConsoleAdapter:
         async for piece in reply.pieces:
             # In a pipe each reply is exactly one line, so scripts can pair questions and answers.
             self._write(piece if interactive else piece.replace("\r", " ").replace("\n", " "))
+        if reply.attachment is not None:
+            path = Path.cwd() / reply.attachment.filename
+            await asyncio.to_thread(path.write_bytes, reply.attachment.content)
+            self._write(f" Saved to {path}.")
         self._write("\n")
 
     def _write(self, text: str) -> None:

@@ -37,7 +37,14 @@ class ErrorKind(str, Enum):
     INVALID = "invalid"  # the user sent something we cannot use
     BUSY = "busy"
     FAILED = "failed"  # generation failed
-    TIMEOUT = "timeout"
+    REFUSED = "refused"  # banned, not allowed here, or over quota
+    DUPLICATE = "duplicate"  # a platform retry of an event already answered: show nothing
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content: bytes
 
 
 @dataclass
@@ -47,15 +54,27 @@ class Reply:
     pieces: AsyncIterator[str]
     ephemeral: bool = False  # only the asker should see it
     error: ErrorKind | None = None
+    attachment: Attachment | None = None  # e.g. the JSON of /export
+    confirm_command: str | None = None  # the command text a "confirm" button should send, e.g. "/forget confirm"
 
     @classmethod
-    def text(cls, text: str, *, ephemeral: bool = False, error: ErrorKind | None = None) -> Reply:
+    def text(
+        cls,
+        text: str,
+        *,
+        ephemeral: bool = False,
+        error: ErrorKind | None = None,
+        attachment: Attachment | None = None,
+        confirm_command: str | None = None,
+    ) -> Reply:
         """A reply whose whole text is known up front (command answers, errors)."""
 
         async def one() -> AsyncIterator[str]:
             yield text
 
-        return cls(pieces=one(), ephemeral=ephemeral, error=error)
+        return cls(
+            pieces=one(), ephemeral=ephemeral, error=error, attachment=attachment, confirm_command=confirm_command
+        )
 
     async def collect(self) -> str:
         """The whole text, for callers that do not stream."""

@@ -1,13 +1,25 @@
-"""Prompt building: persona and recent turns as marked tokens, fitted to the model's window."""
+"""Prompts: a Jinja2 template rendered to token ids, with the history fitted to the model's window."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
 
 from model.tokenizer import ChatTokenizer
 
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "chat.j2"
 CUT_MARKER = "[…] "
+
+# Private-use characters stand for the markers while the template renders; they are
+# removed from every value first, so only the template itself can place a marker.
+MARKERS = {"system": "\ue000", "user": "\ue001", "bot": "\ue002", "end": "\ue003"}
+_ROLE_OF = {char: role for role, char in MARKERS.items()}
+_SPLIT = re.compile("([" + "".join(MARKERS.values()) + "])")
+_NO_MARKERS = str.maketrans("", "", "".join(MARKERS.values()))
 
 
 @dataclass(frozen=True)
@@ -16,48 +28,99 @@ class Turn:
     text: str
 
 
-def _cut_to(tokenizer: ChatTokenizer, role: str, text: str, budget: int) -> list[int]:
-    """The turn's ids with the text's start dropped (and marked) until it fits in budget tokens."""
-    ids = tokenizer.turn(role, text)
-    if len(ids) <= budget:
+class PromptTemplate:
+    """A prompt template file; rendering gives token ids, not text, so markers stay markers."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        path = path or DEFAULT_TEMPLATE
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(path.parent),
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=False,
+        )
+        self.path = path
+        self._template = env.get_template(path.name)
+
+    def render(
+        self, tokenizer: ChatTokenizer, *, persona: str, user_name: str, turns: Sequence[Turn], message: str
+    ) -> list[int]:
+        clean = lambda text: text.translate(_NO_MARKERS)  # noqa: E731
+        text = self._template.render(
+            **MARKERS,
+            persona=clean(persona),
+            user_name=clean(user_name),
+            turns=[Turn(t.role, clean(t.text)) for t in turns],
+            message=clean(message),
+        )
+        ids: list[int] = []
+        for part in _SPLIT.split(text):
+            if part in _ROLE_OF:
+                role = _ROLE_OF[part]
+                ids += [tokenizer.eos_id] if role == "end" else tokenizer.role_marker(role)
+            elif part.strip():
+                ids += tokenizer.encode(part)
         return ids
-    overhead = len(tokenizer.turn(role, CUT_MARKER))
-    body = tokenizer.encode(text)
-    keep = max(budget - overhead, 0)
-    # Decoding a token suffix can start mid-character; the tokenizer's round-trip drops the broken bytes.
-    tail = tokenizer.decode(body[len(body) - keep :]) if keep else ""
-    ids = tokenizer.turn(role, CUT_MARKER + tail)
-    while len(ids) > budget and tail:  # re-encoding the tail may merge differently; trim until it fits
-        tail = tail[1:]
-        ids = tokenizer.turn(role, CUT_MARKER + tail)
-    return ids[:budget]
+
+
+def cut_start(tokenizer: ChatTokenizer, text: str, max_tokens: int) -> str:
+    """Text shortened to about max_tokens tokens by dropping its start, visibly marked."""
+    ids = tokenizer.encode(text)
+    if len(ids) <= max_tokens:
+        return text
+    keep = ids[len(ids) - max(max_tokens, 0) :] if max_tokens > 0 else []
+    # a token boundary can fall inside a character; the broken bytes decode to U+FFFD
+    return CUT_MARKER + tokenizer.decode(keep).lstrip("\ufffd")
+
+
+def cut_end(tokenizer: ChatTokenizer, text: str, max_tokens: int) -> str:
+    """Text shortened to about max_tokens tokens by dropping its end, visibly marked."""
+    ids = tokenizer.encode(text)
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[: max(max_tokens, 0)]).rstrip("\ufffd") + " […]"
 
 
 def build_prompt(
+    template: PromptTemplate,
     tokenizer: ChatTokenizer,
     *,
     persona: str,
+    user_name: str,
     history: Sequence[Turn],
     message: str,
     context_size: int,
     reply_budget: int,
 ) -> list[int]:
-    """Token ids for the model: persona, as many recent turns as fit (newest first), the message, the bot's cue.
+    """Token ids for the model: as many recent turns as fit (newest first) around the new message.
 
-    The window holds context_size tokens and the reply needs reply_budget of them;
-    the new message always goes in, cut at its start if it alone is too long.
+    The window holds context_size tokens and the reply needs reply_budget of them. The
+    persona gets at most a quarter of the rest; the new message always goes in, cut at
+    its start with a visible marker if it alone is too long.
     """
-    prefix = tokenizer.reply_prefix()
-    available = max(context_size - reply_budget - len(prefix), 1)
-    system = _cut_to(tokenizer, "system", persona, available // 4) if persona else []
-    available -= len(system)
-    current = _cut_to(tokenizer, "user", message, available)
-    available -= len(current)
-    kept: list[list[int]] = []
+    budget = max(context_size - reply_budget, 1)
+    persona = cut_end(tokenizer, persona, budget // 4)
+
+    def render(turns: Sequence[Turn], text: str) -> list[int]:
+        return template.render(tokenizer, persona=persona, user_name=user_name, turns=turns, message=text)
+
+    ids = render([], message)
+    keep = len(tokenizer.encode(message))
+    while len(ids) > budget and keep > 0:  # re-encoding a cut text can merge differently: repeat until it fits
+        keep -= len(ids) - budget
+        message = cut_start(tokenizer, message, keep)
+        ids = render([], message)
+
+    remaining = budget - len(ids)
+    chosen: list[Turn] = []
     for turn in reversed(history):
-        ids = tokenizer.turn(turn.role, turn.text)
-        if len(ids) > available:
+        cost = len(tokenizer.turn(turn.role, turn.text))  # what the default template spends on a turn
+        if cost > remaining:
             break
-        kept.append(ids)
-        available -= len(ids)
-    return system + [t for ids in reversed(kept) for t in ids] + current + prefix
+        chosen.insert(0, turn)
+        remaining -= cost
+    ids = render(chosen, message)
+    while len(ids) > budget and chosen:  # a template that spends more per turn: drop the oldest
+        chosen.pop(0)
+        ids = render(chosen, message)
+    return ids

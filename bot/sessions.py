@@ -5,37 +5,75 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.commands import HELP_TEXT, KNOWN, Command, parse_command
-from bot.config import Settings
+from bot.access import Access, quota_for
+from bot.accounts import Account
+from bot.commands import CommandHandler, parse_command
+from bot.config import Settings, parse_rate
+from bot.identity import AccountLinking
+from bot.limits import RateLimiter, Ticket, Turnstile, seconds_text
 from bot.messages import ErrorKind, Incoming, Reply
-from bot.prompt import Turn, build_prompt
+from bot.prompt import PromptTemplate, Turn, build_prompt
 from model.engine import EngineBusy, InferenceEngine
 from model.generate import SamplingParams
 from storage import repository
+from storage.events import mark_event_processed
+from storage.models import utcnow
+from storage.usage import add_usage
+from storage.user_settings import Preferences, preferences_for
 
 log = logging.getLogger(__name__)
 
+_END = object()
+
+
+@dataclass(frozen=True)
+class TurnContext:
+    """What one chat turn needs after its user message is stored."""
+
+    user_id: int
+    conversation_id: int
+    history: list[Turn]
+    preferences: Preferences
+    display_name: str
+
 
 class SessionManager:
-    """Maps platform accounts to users, keeps their history and asks the model for replies."""
+    """Maps platform accounts to users, keeps their history and asks the model for replies.
+
+    Messages of one user in one place are answered one at a time, in arrival order;
+    different users and places run concurrently. Each chat reply is produced by a
+    task of its own, so a reply is completed and stored even if the platform
+    connection drops while it streams.
+    """
 
     def __init__(
-        self, settings: Settings, sessions: async_sessionmaker[AsyncSession], engine: InferenceEngine
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        engine: InferenceEngine,
+        *,
+        template: PromptTemplate | None = None,
+        linking: AccountLinking | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.engine = engine
-        # One lock per user and place, so one person's messages there are answered in order.
-        self._locks: defaultdict[tuple[str, str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.template = template or PromptTemplate(settings.prompt_template)
+        self.access = Access(settings)
+        self.rate_limiter = rate_limiter or RateLimiter(*parse_rate(settings.rate_limit))
+        self.turnstile = Turnstile(max_waiting=settings.max_waiting_per_user)
+        self.commands = CommandHandler(settings, sessions, self.access, linking or AccountLinking(settings))
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, msg: Incoming) -> Reply:
-        """The reply to one incoming message: a command's answer, an error, or the model's streamed text."""
+        """The reply to one incoming message: a command's answer, a refusal, or the model's streamed text."""
         text = msg.text.replace("\x00", "").strip()
         if not text:
             return Reply.text("I got an empty message. Type something, or /help.", error=ErrorKind.INVALID)
@@ -45,108 +83,173 @@ class SessionManager:
                 f"{self.settings.max_message_chars:,}. Please send a shorter one.",
                 error=ErrorKind.INVALID,
             )
+        wait = self.rate_limiter.wait_time(Account.of(msg))
+        if wait:
+            return self._busy(f"You are sending messages faster than I can answer. Try again in {seconds_text(wait)}.")
+        # The place in line is taken before any await, so arrival order is kept.
+        ticket = self.turnstile.enter((msg.platform, msg.workspace_id, msg.user_id, msg.place))
+        if ticket is None:
+            return self._busy("I am still answering your earlier messages here. Try again in a few seconds.")
         command = parse_command(text)
         if command is not None:
-            return await self._command(command, msg)
-        return Reply(pieces=self._answer(msg, text))
-
-    async def _command(self, command: Command, msg: Incoming) -> Reply:
-        if command.name not in KNOWN or command.name == "help":
-            return Reply.text(HELP_TEXT, ephemeral=True)
-        async with self.sessions() as session, session.begin():
-            user = await self._user(session, msg)
-            await repository.start_new_conversation(
-                session, user_id=user.id, platform=msg.platform, place=msg.place, is_dm=msg.is_dm
-            )
-        return Reply.text("Started a new conversation. I have forgotten what we said here before.")
+            async with ticket:
+                if not await self._first_time(msg):
+                    return Reply.text("", error=ErrorKind.DUPLICATE)
+                return await self.commands.run(command, msg)
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        task = asyncio.create_task(self._chat(msg, text, ticket, queue))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        first = await queue.get()
+        if isinstance(first, Reply):  # refused or duplicate before generation began
+            return first
+        return Reply(pieces=self._drain(first, queue, task))
 
     @staticmethod
-    async def _user(session: AsyncSession, msg: Incoming):  # -> storage.models.User
-        return await repository.get_or_create_user(
-            session,
-            platform=msg.platform,
-            workspace_id=msg.workspace_id,
-            platform_user_id=msg.user_id,
-            display_name=msg.display_name,
-        )
+    def _busy(text: str) -> Reply:
+        return Reply.text(text, ephemeral=True, error=ErrorKind.BUSY)
 
-    def prompt(self, history: list[Turn], text: str) -> list[int]:
-        """The model's input for a new message after history."""
-        return build_prompt(
-            self.engine.loaded.tokenizer,
-            persona=self.settings.persona,
-            history=history,
-            message=text,
-            context_size=self.engine.context_size,
-            reply_budget=self.settings.max_reply_tokens,
-        )
-
-    async def _answer(self, msg: Incoming, text: str) -> AsyncIterator[str]:
-        async with self._locks[(msg.platform, msg.user_id, msg.place)]:
-            conversation_id, history = await self.record_user_turn(msg, text)
-            prompt = self.prompt(history, text)
-            pieces: list[str] = []
-            status = "failed"
-            started = time.perf_counter()
-            try:
-                async with aclosing(self.engine.stream(prompt, self._sampling())) as stream:
-                    async for piece in stream:
-                        pieces.append(piece)
-                        yield piece
-                status = "ok"
-            except EngineBusy:
-                yield "I am busy with other people right now; try again in a few seconds."
-            except (asyncio.CancelledError, GeneratorExit):
-                status = "cancelled"
-                raise
-            except Exception:
-                log.exception("generation failed for conversation %s", conversation_id)
-                yield "\n(Sorry, something went wrong while I was answering. Please try again.)"
-            finally:
-                reply = "".join(pieces).strip()
-                elapsed_ms = int((time.perf_counter() - started) * 1000)
-                await asyncio.shield(self._store_reply(conversation_id, reply, status, elapsed_ms))
-
-    async def record_user_turn(self, msg: Incoming, text: str) -> tuple[int, list[Turn]]:
-        """Store the user's turn before generation (a failure never loses it); return the conversation and its earlier turns."""
+    async def _first_time(self, msg: Incoming) -> bool:
+        """False when the platform sent this event before (a retry): it was answered already."""
+        if not msg.event_id:
+            return True
         async with self.sessions() as session, session.begin():
-            user = await self._user(session, msg)
+            return await mark_event_processed(session, platform=msg.platform, event_id=msg.event_id)
+
+    @staticmethod
+    async def _drain(first: object, queue: asyncio.Queue[object], task: asyncio.Task[None]) -> AsyncIterator[str]:
+        """The pieces a chat task produces; closing this early cancels the generation."""
+        item = first
+        try:
+            while item is not _END:
+                yield item  # type: ignore[misc]
+                item = await queue.get()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _chat(self, msg: Incoming, text: str, ticket: Ticket, queue: asyncio.Queue[object]) -> None:
+        """One chat turn, in its own task: wait for the turn, store, generate, store; pieces go to queue."""
+        try:
+            async with ticket:
+                if not await self._first_time(msg):
+                    queue.put_nowait(Reply.text("", error=ErrorKind.DUPLICATE))
+                    return
+                refusal, turn = await self.begin_turn(msg, text)
+                if refusal is not None:
+                    queue.put_nowait(refusal)
+                    return
+                assert turn is not None
+                await self._generate(turn, text, queue)
+        except Exception:
+            log.exception("chat turn failed (platform %s)", msg.platform)
+            queue.put_nowait(Reply.text("Sorry, something went wrong on my side. Please try again.", error=ErrorKind.FAILED))
+        finally:
+            queue.put_nowait(_END)
+
+    async def begin_turn(self, msg: Incoming, text: str) -> tuple[Reply | None, TurnContext | None]:
+        """Check access and quota, then store the user's turn (before generation, so a failure never loses it)."""
+        async with self.sessions() as session, session.begin():
+            user = await repository.get_or_create_user(
+                session,
+                platform=msg.platform,
+                workspace_id=msg.workspace_id,
+                platform_user_id=msg.user_id,
+                display_name=msg.display_name,
+            )
+            decision = self.access.check(msg, banned=user.banned)
+            if not decision.allowed:
+                return Reply.text(decision.message, ephemeral=True, error=ErrorKind.REFUSED), None
+            quota = await quota_for(session, settings=self.settings, user_id=user.id, today=utcnow().date())
+            if quota.exceeded:
+                return Reply.text(quota.message, ephemeral=True, error=ErrorKind.REFUSED), None
             conversation = await repository.get_active_conversation(
                 session, user_id=user.id, platform=msg.platform, place=msg.place, is_dm=msg.is_dm
             )
             stored = await repository.recent_messages(
                 session, conversation_id=conversation.id, limit=self.settings.history_messages
             )
+            tokens = len(self.engine.loaded.tokenizer.encode(text))
             await repository.add_message(
-                session,
-                conversation_id=conversation.id,
-                role="user",
-                text=text,
-                token_count=len(self.engine.loaded.tokenizer.encode(text)),
+                session, conversation_id=conversation.id, role="user", text=text, token_count=tokens
             )
+            preferences = await preferences_for(session, user_id=user.id, defaults=self.settings)
         # Failed and cancelled bot turns stay on record but are not shown to the model.
-        return conversation.id, [Turn(m.role, m.text) for m in stored if m.role == "user" or m.status == "ok"]
+        history = [Turn(m.role, m.text) for m in stored if m.role == "user" or m.status == "ok"]
+        name = preferences.display_name or msg.display_name
+        return None, TurnContext(user.id, conversation.id, history, preferences, name)
 
-    async def _store_reply(self, conversation_id: int, text: str, status: str, elapsed_ms: int) -> None:
+    def prompt(self, turn: TurnContext, text: str) -> list[int]:
+        """The model's input for a new message after the turn's history."""
+        return build_prompt(
+            self.template,
+            self.engine.loaded.tokenizer,
+            persona=turn.preferences.persona,
+            user_name=turn.display_name,
+            history=turn.history,
+            message=text,
+            context_size=self.engine.context_size,
+            reply_budget=turn.preferences.max_reply_tokens,
+        )
+
+    async def _generate(self, turn: TurnContext, text: str, queue: asyncio.Queue[object]) -> None:
+        prompt = self.prompt(turn, text)
+        pieces: list[str] = []
+        status = "failed"
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.reply_timeout):
+                async with aclosing(self.engine.stream(prompt, self._sampling(turn.preferences))) as stream:
+                    async for piece in stream:
+                        pieces.append(piece)
+                        queue.put_nowait(piece)
+            status = "ok"
+        except EngineBusy:
+            queue.put_nowait("I am busy with other people right now; try again in a few seconds.")
+        except TimeoutError:
+            status = "cancelled"
+            queue.put_nowait(
+                f"{' …' if pieces else ''}(I stopped: the reply took longer than {self.settings.reply_timeout:g} s.)"
+            )
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception:
+            log.exception("generation failed for conversation %s", turn.conversation_id)
+            queue.put_nowait("\n(Sorry, something went wrong while I was answering. Please try again.)")
+        finally:
+            reply = "".join(pieces).strip()
+            elapsed_ms = int((time.perf_counter() - started) * 1000)
+            # Shielded: a cancelled reply is still recorded, as cancelled.
+            await asyncio.shield(self._store_reply(turn, reply, status, elapsed_ms, len(prompt)))
+
+    async def _store_reply(self, turn: TurnContext, text: str, status: str, elapsed_ms: int, prompt_tokens: int) -> None:
+        tokens = len(self.engine.loaded.tokenizer.encode(text))
         async with self.sessions() as session, session.begin():
             await repository.add_message(
                 session,
-                conversation_id=conversation_id,
+                conversation_id=turn.conversation_id,
                 role="bot",
                 text=text,
-                token_count=len(self.engine.loaded.tokenizer.encode(text)),
+                token_count=tokens,
                 model_name=self.engine.loaded.name,
                 generation_ms=elapsed_ms,
                 status=status,
             )
+            await add_usage(session, user_id=turn.user_id, day=utcnow().date(), tokens=prompt_tokens + tokens)
 
-    def _sampling(self) -> SamplingParams:
+    def _sampling(self, preferences: Preferences) -> SamplingParams:
         s = self.settings
         return SamplingParams(
-            temperature=s.temperature,
+            temperature=preferences.temperature,
             top_k=s.top_k,
             top_p=s.top_p,
             repetition_penalty=s.repetition_penalty,
-            max_new_tokens=s.max_reply_tokens,
+            max_new_tokens=preferences.max_reply_tokens,
             stop_ids=(self.engine.loaded.tokenizer.eos_id,),
         )
+
+    async def close(self) -> None:
+        """Wait for replies in progress, so every one of them is stored."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

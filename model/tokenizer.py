@@ -93,17 +93,19 @@ class ChatTokenizer:
         raw = b"".join(_bytes_of(self._token_bytes, i) for i in ids)
         return raw.decode("utf-8", errors="replace")
 
-    def turn(self, role: str, text: str) -> list[int]:
-        """A whole turn: <|role|> text <|end|> for ours; text <|endoftext|> for GPT-2 family."""
+    def role_marker(self, role: str) -> list[int]:
+        """What opens a turn of role: [<|role|>] for ours; nothing for the GPT-2 family."""
         if role not in ROLE_TOKENS:
             raise ValueError(f"role must be one of {sorted(ROLE_TOKENS)}, got {role!r}")
-        if not self.is_chat_format:
-            return [*self.encode(text), self.eos_id]
-        return [self._role_ids[role], *self.encode(text), self.eos_id]
+        return [self._role_ids[role]] if self.is_chat_format else []
+
+    def turn(self, role: str, text: str) -> list[int]:
+        """A whole turn: <|role|> text <|end|> for ours; text <|endoftext|> for GPT-2 family."""
+        return [*self.role_marker(role), *self.encode(text), self.eos_id]
 
     def reply_prefix(self) -> list[int]:
         """What opens the bot's turn, for the model to continue from."""
-        return [self._role_ids["bot"]] if self.is_chat_format else []
+        return self.role_marker("bot")
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self._token_bytes)

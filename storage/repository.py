@@ -17,7 +17,9 @@ has its NUL characters removed, on SQLite too, so both backends keep the same te
 
 from __future__ import annotations
 
-from sqlalchemy import Select, func, select, update
+import datetime as dt
+
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -39,8 +41,8 @@ def strip_nul(text: str) -> str:
     return text.replace("\x00", "")
 
 
-def _insert(session: AsyncSession, model: type) -> postgresql.Insert | sqlite.Insert:
-    """A dialect-specific INSERT that supports ON CONFLICT."""
+def dialect_insert(session: AsyncSession, model: type) -> postgresql.Insert | sqlite.Insert:
+    """A dialect-specific INSERT that supports ON CONFLICT, for upserts in every storage module."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         return postgresql.insert(model)
@@ -54,7 +56,8 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _identity_key(platform: str, workspace_id: str, platform_user_id: str) -> Select[tuple[Identity]]:
+def identity_query(platform: str, workspace_id: str, platform_user_id: str) -> Select[tuple[Identity]]:
+    """The query for the identity of one platform account."""
     return select(Identity).where(
         Identity.platform == platform,
         Identity.workspace_id == workspace_id,
@@ -80,7 +83,7 @@ async def get_or_create_user(
     # Cut to the column's length: PostgreSQL would refuse a longer name, SQLite keep it.
     display_name = strip_nul(display_name)[:DISPLAY_NAME_LENGTH]
     now = utcnow()
-    identity = await session.scalar(_identity_key(platform, workspace_id, platform_user_id))
+    identity = await session.scalar(identity_query(platform, workspace_id, platform_user_id))
     if identity is None:
         identity = await _create_identity(
             session,
@@ -110,7 +113,7 @@ async def _create_identity(
     session.add(user)
     await session.flush()
     inserted = await session.scalar(
-        _insert(session, Identity)
+        dialect_insert(session, Identity)
         .values(
             user_id=user.id,
             platform=platform,
@@ -126,7 +129,7 @@ async def _create_identity(
         await session.delete(user)
         await session.flush()
     identity = await session.scalar(
-        _identity_key(platform, workspace_id, platform_user_id).execution_options(populate_existing=True)
+        identity_query(platform, workspace_id, platform_user_id).execution_options(populate_existing=True)
     )
     assert identity is not None, "the identity was inserted or already existed"
     return identity
@@ -178,7 +181,7 @@ async def _insert_active_conversation(
 ) -> Conversation:
     _check_choice("platform", platform, PLATFORMS)
     await session.execute(
-        _insert(session, Conversation)
+        dialect_insert(session, Conversation)
         .values(user_id=user_id, platform=platform, place=place, is_dm=is_dm, active=True)
         .on_conflict_do_nothing(
             index_elements=["user_id", "place"], index_where=Conversation.active
@@ -265,3 +268,15 @@ async def count_messages(session: AsyncSession, *, user_id: int | None = None) -
             Conversation.user_id == user_id
         )
     return (await session.scalar(query)) or 0
+
+
+async def prune_old_messages(session: AsyncSession, *, older_than: dt.datetime) -> int:
+    """Delete every message created before `older_than` (retention); returns how many. The caller commits.
+
+    One statement over the whole table (messages.created_at has no index): meant for a
+    daily job, not for every message.
+    """
+    result = await session.execute(
+        delete(Message).where(Message.created_at < older_than).execution_options(synchronize_session=False)
+    )
+    return result.rowcount

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("BOT_") or name in {"DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN"}:
+        if name.startswith("BOT_") or name in {"DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "SLACK_API_URL"}:
             monkeypatch.delenv(name)
 
 
@@ -41,6 +41,26 @@ BAD_VALUES = [
     ("BOT_PERSONA", "x" * 2001, "at most 2000 characters"),
     ("BOT_MAX_MESSAGE_CHARS", "0", "greater than or equal to 1"),
     ("BOT_HISTORY_MESSAGES", "-1", "greater than or equal to 0"),
+    ("BOT_ADMINS", "discord", "'discord' is not platform:id"),
+    ("BOT_ADMINS", "discord:1234,irc:42", "unknown platform 'irc'"),
+    ("BOT_ADMINS", "slack:T01ABC/", "'slack:T01ABC/' is not platform:id"),
+    ("BOT_ALLOW_USERS", "discord:12 34", "'discord:12 34' is not platform:id"),
+    ("BOT_DENY_USERS", "slack:/U02DEF", "'slack:/U02DEF' is not platform:id"),
+    ("BOT_ALLOW_CHANNELS", "C123", "'C123' is not platform:id"),
+    ("BOT_DENY_CHANNELS", "teams:C1", "unknown platform 'teams'"),
+    ("BOT_ALLOW_WORKSPACES", "slack:T01ABC/U02DEF", "'slack:T01ABC/U02DEF' is not platform:workspace"),
+    ("BOT_DENY_WORKSPACES", "T01ABC", "'T01ABC' is not platform:workspace"),
+    ("BOT_HISTORY_RETENTION_DAYS", "-1", "greater than or equal to 0"),
+    ("BOT_HISTORY_RETENTION_DAYS", "forever", "valid integer"),
+    ("BOT_DAILY_TOKEN_QUOTA", "-5", "greater than or equal to 0"),
+    ("BOT_LINK_CODE_TTL_MINUTES", "0", "greater than or equal to 1"),
+    ("BOT_LINK_CODE_TTL_MINUTES", "1441", "less than or equal to 1440"),
+    ("SLACK_API_URL", "slack.com/api/", "must start with https:// or http://"),
+    ("BOT_HTTP_HOST", "  ", "must not be empty"),
+    ("BOT_HTTP_PORT", "0", "greater than or equal to 1"),
+    ("BOT_HTTP_PORT", "65536", "less than or equal to 65535"),
+    ("BOT_SLACK_COMMAND", "gpt", "must be / and 1 to 31 lowercase letters"),
+    ("BOT_SLACK_COMMAND", "/GPT", "must be / and 1 to 31 lowercase letters"),
 ]
 
 

@@ -104,14 +104,16 @@ async def test_history_survives_a_restart(tmp_path: Path, shipped: LoadedModel) 
 
     db, engine = make_engine(settings.database_url), InferenceEngine(shipped)
     manager = SessionManager(settings, make_session_factory(db), engine)
-    _, history = await manager.record_user_turn(msg, "and now?")
+    refusal, turn = await manager.begin_turn(msg, "and now?")
+    assert refusal is None and turn is not None
+    history = turn.history
     assert [(t.role, t.text) for t in history] == [
         ("user", "hello"),
         ("bot", replies[0]),
         ("user", "what is your name?"),
         ("bot", replies[1]),
     ]
-    prompt = shipped.tokenizer.decode(manager.prompt(history, "and now?"))
+    prompt = shipped.tokenizer.decode(manager.prompt(turn, "and now?"))
     assert prompt.index("hello") < prompt.index("what is your name?") < prompt.index("and now?")
     engine.close()
     await db.dispose()
