@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.accounts import parse_refs
@@ -21,7 +21,12 @@ SECRET_ENV_NAMES = {
     "slack_app_token": "SLACK_APP_TOKEN",
 }
 # Every setting read under a platform's own name, secret or not; the reverse maps error locations back to fields.
-PLATFORM_ENV_NAMES = {**SECRET_ENV_NAMES, "slack_api_url": "SLACK_API_URL"}
+PLATFORM_ENV_NAMES = {
+    **SECRET_ENV_NAMES,
+    "slack_api_url": "SLACK_API_URL",
+    "discord_api_base": "DISCORD_API_BASE",
+    "discord_gateway_url": "DISCORD_GATEWAY_URL",
+}
 FIELDS_BY_ENV_NAME = {name: field for field, name in PLATFORM_ENV_NAMES.items()}
 
 
@@ -139,6 +144,31 @@ class Settings(BaseSettings):
         None, validation_alias="SLACK_APP_TOKEN", description="Slack app-level token (xapp-...); enables Socket Mode"
     )
 
+    # Discord adapter (see bot/discord_adapter.py and README "Discord").
+    discord_threads: bool = Field(
+        False, description="Discord: answer each new conversation in a channel in a thread of its own (true or false)"
+    )
+    discord_allow_dms: bool = Field(True, description="Discord: answer direct messages (true or false)")
+    discord_shard_count: int = Field(
+        0, ge=0, le=100_000, description="Discord shards in all, 0 = as many as Discord recommends"
+    )
+    discord_shard_ids: str = Field(
+        "",
+        description="the Discord shards this process runs, comma-separated numbers from 0 (e.g. 0,1); "
+        "empty = all; needs BOT_DISCORD_SHARD_COUNT",
+    )
+    discord_api_base: str | None = Field(
+        None,
+        validation_alias="DISCORD_API_BASE",
+        description="REST API base URL of a Discord-compatible server, http(s)://.../api/v10; "
+        "empty = https://discord.com/api/v10",
+    )
+    discord_gateway_url: str | None = Field(
+        None,
+        validation_alias="DISCORD_GATEWAY_URL",
+        description="gateway URL of a Discord-compatible server, ws(s)://...; empty = wss://gateway.discord.gg/",
+    )
+
     # Slack adapter (see bot/slack_adapter.py and README "Slack").
     slack_api_url: str | None = Field(
         None,
@@ -238,6 +268,40 @@ class Settings(BaseSettings):
     def _slash_command(cls, value: str) -> str:
         if not re.fullmatch(r"/[a-z0-9_-]{1,31}", value):
             raise ValueError("must be / and 1 to 31 lowercase letters, digits, _ or -")
+        return value
+
+    @field_validator("discord_shard_ids")
+    @classmethod
+    def _shard_ids(cls, value: str, info: ValidationInfo) -> str:
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        for part in parts:
+            if not part.isdigit():
+                raise ValueError(f"{part!r} is not a shard number")
+        count = info.data.get("discord_shard_count")
+        if parts and count == 0:
+            raise ValueError("needs BOT_DISCORD_SHARD_COUNT")
+        if count and any(int(part) >= count for part in parts):
+            raise ValueError(f"shards are numbered 0 to {count - 1} with BOT_DISCORD_SHARD_COUNT={count}")
+        return ",".join(str(int(part)) for part in parts)
+
+    @field_validator("discord_api_base", "discord_gateway_url", mode="before")
+    @classmethod
+    def _blank_is_discord(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("discord_api_base")
+    @classmethod
+    def _discord_api(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must start with https:// or http://")
+        # discord.py appends paths such as "/users/@me" to it.
+        return None if value is None else value.rstrip("/")
+
+    @field_validator("discord_gateway_url")
+    @classmethod
+    def _discord_gateway(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("wss://", "ws://")):
+            raise ValueError("must start with wss:// or ws://")
         return value
 
     @field_validator("discord_token", "slack_bot_token", "slack_signing_secret", "slack_app_token", mode="before")

@@ -41,6 +41,8 @@ class PromptTemplate:
         )
         self.path = path
         self._template = env.get_template(path.name)
+        # Render once now, so a mistake in the template stops start-up instead of every reply.
+        self._template.render(**MARKERS, persona="p", user_name="u", turns=[Turn("user", "t")], message="m")
 
     def render(
         self, tokenizer: ChatTokenizer, *, persona: str, user_name: str, turns: Sequence[Turn], message: str
