@@ -97,6 +97,7 @@ async def migrate_only(settings: Settings) -> None:
 async def serve(settings: Settings, adapter_names: list[str]) -> None:
     """Build the parts in order (database, model, core, adapters) and run the adapters until they end."""
     from bot.console_adapter import ConsoleAdapter
+    from bot.maintenance import prune_forever
     from bot.sessions import SessionManager
     from model.checkpoint import CheckpointError, load_model
     from model.engine import InferenceEngine
@@ -116,13 +117,19 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
     db = await open_database(settings)
     inference = InferenceEngine(loaded, torch_threads=settings.torch_threads)
     try:
+        sessions = make_session_factory(db)
         try:
-            manager = SessionManager(settings, make_session_factory(db), inference)
+            manager = SessionManager(settings, sessions, inference)
         except jinja2.TemplateError as exc:
             raise UserError(f"BOT_PROMPT_TEMPLATE: the template does not load: {exc}") from exc
+        adapters = [ConsoleAdapter(manager)]
+        pruning = asyncio.create_task(prune_forever(settings, sessions))
         try:
-            await ConsoleAdapter(manager).run()
+            async with asyncio.TaskGroup() as group:
+                for adapter in adapters:
+                    group.create_task(adapter.run())
         finally:
+            pruning.cancel()
             await manager.close()
     finally:
         inference.close()

@@ -33,6 +33,8 @@ from model.generate import SamplingParams  # noqa: E402
 from storage.db import make_engine, make_session_factory, migrate  # noqa: E402
 from storage.models import Base  # noqa: E402
 
+
+POOL = 5
 REPLY = "That is a fine question, and here is a short answer to it."
 
 
@@ -48,7 +50,7 @@ class InstantEngine:
 
 
 async def run(url: str, users: int, messages: int, loaded: LoadedModel) -> list[float]:
-    db = make_engine(url, pool_size=max(5, users), max_overflow=10)
+    db = make_engine(url, pool_size=POOL, max_overflow=0)
     await migrate(db)
     async with db.begin() as conn:  # start from empty tables
         for table in reversed(Base.metadata.sorted_tables):

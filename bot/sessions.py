@@ -97,9 +97,7 @@ class SessionManager:
                     return Reply.text("", error=ErrorKind.DUPLICATE)
                 return await self.commands.run(command, msg)
         queue: asyncio.Queue[object] = asyncio.Queue()
-        task = asyncio.create_task(self._chat(msg, text, ticket, queue))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._track(asyncio.create_task(self._chat(msg, text, ticket, queue)))
         first = await queue.get()
         if isinstance(first, Reply):  # refused or duplicate before generation began
             return first
@@ -132,9 +130,6 @@ class SessionManager:
         """One chat turn, in its own task: wait for the turn, store, generate, store; pieces go to queue."""
         try:
             async with ticket:
-                if not await self._first_time(msg):
-                    queue.put_nowait(Reply.text("", error=ErrorKind.DUPLICATE))
-                    return
                 refusal, turn = await self.begin_turn(msg, text)
                 if refusal is not None:
                     queue.put_nowait(refusal)
@@ -148,8 +143,13 @@ class SessionManager:
             queue.put_nowait(_END)
 
     async def begin_turn(self, msg: Incoming, text: str) -> tuple[Reply | None, TurnContext | None]:
-        """Check access and quota, then store the user's turn (before generation, so a failure never loses it)."""
+        """Drop a retried event, check access and quota, then store the user's turn.
+
+        All in one transaction, before generation, so a failure never loses the user's turn.
+        """
         async with self.sessions() as session, session.begin():
+            if msg.event_id and not await mark_event_processed(session, platform=msg.platform, event_id=msg.event_id):
+                return Reply.text("", error=ErrorKind.DUPLICATE), None
             user = await repository.get_or_create_user(
                 session,
                 platform=msg.platform,
@@ -160,14 +160,15 @@ class SessionManager:
             decision = self.access.check(msg, banned=user.banned)
             if not decision.allowed:
                 return Reply.text(decision.message, ephemeral=True, error=ErrorKind.REFUSED), None
-            quota = await quota_for(session, settings=self.settings, user_id=user.id, today=utcnow().date())
-            if quota.exceeded:
-                return Reply.text(quota.message, ephemeral=True, error=ErrorKind.REFUSED), None
+            if self.settings.daily_token_quota:
+                quota = await quota_for(session, settings=self.settings, user_id=user.id, today=utcnow().date())
+                if quota.exceeded:
+                    return Reply.text(quota.message, ephemeral=True, error=ErrorKind.REFUSED), None
             conversation = await repository.get_active_conversation(
                 session, user_id=user.id, platform=msg.platform, place=msg.place, is_dm=msg.is_dm
             )
             stored = await repository.recent_messages(
-                session, conversation_id=conversation.id, limit=self.settings.history_messages
+                session, conversation_id=conversation.id, limit=self._history_limit()
             )
             tokens = len(self.engine.loaded.tokenizer.encode(text))
             await repository.add_message(
@@ -178,6 +179,10 @@ class SessionManager:
         history = [Turn(m.role, m.text) for m in stored if m.role == "user" or m.status == "ok"]
         name = preferences.display_name or msg.display_name
         return None, TurnContext(user.id, conversation.id, history, preferences, name)
+
+    def _history_limit(self) -> int:
+        """Messages worth loading: no more than could fit in the window (a turn takes at least 3 tokens)."""
+        return min(self.settings.history_messages, self.engine.context_size // 3 + 1)
 
     def prompt(self, turn: TurnContext, text: str) -> list[int]:
         """The model's input for a new message after the turn's history."""
@@ -220,8 +225,9 @@ class SessionManager:
         finally:
             reply = "".join(pieces).strip()
             elapsed_ms = int((time.perf_counter() - started) * 1000)
-            # Shielded: a cancelled reply is still recorded, as cancelled.
-            await asyncio.shield(self._store_reply(turn, reply, status, elapsed_ms, len(prompt)))
+            # A task of its own, tracked by close(): a cancelled reply is still recorded, as cancelled.
+            store = self._track(asyncio.create_task(self._store_reply(turn, reply, status, elapsed_ms, len(prompt))))
+            await asyncio.shield(store)
 
     async def _store_reply(self, turn: TurnContext, text: str, status: str, elapsed_ms: int, prompt_tokens: int) -> None:
         tokens = len(self.engine.loaded.tokenizer.encode(text))
@@ -249,7 +255,12 @@ class SessionManager:
             stop_ids=(self.engine.loaded.tokenizer.eos_id,),
         )
 
+    def _track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def close(self) -> None:
         """Wait for replies in progress, so every one of them is stored."""
-        if self._tasks:
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -29,8 +29,9 @@ def make_engine(
 ) -> AsyncEngine:
     """Create an async engine for SQLite (aiosqlite) or PostgreSQL (asyncpg).
 
-    SQLite: the file's folder is created; every connection gets WAL, foreign keys and
-    a busy timeout of `pool_timeout`; every transaction starts with BEGIN IMMEDIATE,
+    SQLite: the file's folder is created; one connection (pool_size and max_overflow
+    are for PostgreSQL) with WAL, foreign keys and a busy timeout of `pool_timeout`;
+    every transaction starts with BEGIN IMMEDIATE,
     i.e. holds the database's single write lock until it ends, so keep sessions short
     (never open across a model generation). Raises ValueError for a URL that cannot
     be parsed or names another database or a non-async driver.
@@ -41,9 +42,7 @@ def make_engine(
         raise ValueError(f"could not parse the database URL: {_SUPPORTED}") from None
     backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     if backend == "sqlite" and driver == "aiosqlite":
-        return _make_sqlite_engine(
-            parsed, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout, echo=echo
-        )
+        return _make_sqlite_engine(parsed, pool_timeout=pool_timeout, echo=echo)
     if backend == "postgresql" and driver == "asyncpg":
         return create_async_engine(
             parsed,
@@ -65,15 +64,15 @@ def _is_memory_database(url: URL) -> bool:
     return url.database in (None, "", ":memory:")
 
 
-def _make_sqlite_engine(
-    url: URL, *, pool_size: int, max_overflow: int, pool_timeout: float, echo: bool
-) -> AsyncEngine:
+def _make_sqlite_engine(url: URL, *, pool_timeout: float, echo: bool) -> AsyncEngine:
     pool_args: dict[str, Any] = {}
     if not _is_memory_database(url):
         assert url.database is not None
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        # Only file databases get a queue pool; :memory: uses a StaticPool without these knobs.
-        pool_args = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
+        # One connection: every transaction takes SQLite's single write lock (see _on_begin),
+        # so more connections would only busy-wait for it; the pool's queue is fair instead.
+        # :memory: uses a StaticPool without these knobs.
+        pool_args = {"pool_size": 1, "max_overflow": 0, "pool_timeout": pool_timeout}
     engine = create_async_engine(url, echo=echo, **pool_args)
     busy_timeout_ms = int(pool_timeout * 1000)
 

@@ -140,3 +140,10 @@ async def test_console_adapter_streams_pieces_as_they_arrive(tmp_path: Path, shi
     await db.dispose()
     assert len(out.getvalue().splitlines()) == 1
     assert len(out.writes) > 2, "the reply arrives in several pieces, not all at once"
+
+
+def test_broken_prompt_template_stops_start_up_clearly(tmp_path: Path) -> None:
+    (tmp_path / "bad.j2").write_text("{{ unclosed")
+    result = chat(tmp_path, "hi\n", BOT_PROMPT_TEMPLATE="bad.j2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "BOT_PROMPT_TEMPLATE: the template does not load" in result.stderr
