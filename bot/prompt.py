@@ -96,11 +96,12 @@ def build_prompt(
 ) -> list[int]:
     """Token ids for the model: as many recent turns as fit (newest first) around the new message.
 
-    The window holds context_size tokens and the reply needs reply_budget of them. The
-    persona gets at most a quarter of the rest; the new message always goes in, cut at
-    its start with a visible marker if it alone is too long.
+    The window holds context_size tokens and the reply needs reply_budget of them (at
+    most half the window). The persona gets at most a quarter of the rest; the new
+    message always goes in, cut at its start with a visible marker if it alone is too long.
     """
-    budget = max(context_size - reply_budget, 1)
+    # A reply longer than half the window still leaves the prompt half of it; generation slides the window.
+    budget = context_size - min(reply_budget, context_size // 2)
     persona = cut_end(tokenizer, persona, budget // 4)
 
     def render(turns: Sequence[Turn], text: str) -> list[int]:

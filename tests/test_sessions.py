@@ -9,6 +9,7 @@ from contextlib import aclosing
 from typing import Any
 
 import pytest
+import torch
 from sqlalchemy import select
 
 from bot.config import Settings
@@ -16,7 +17,9 @@ from bot.limits import RateLimiter
 from bot.messages import ErrorKind, Incoming, Reply
 from bot.sessions import SessionManager
 from model.checkpoint import LoadedModel, load_model
+from model.config import GPTConfig
 from model.engine import InferenceEngine
+from model.gpt import GPT
 from storage.db import make_engine, make_session_factory
 from storage.models import Conversation, Message
 
@@ -162,13 +165,23 @@ async def test_reply_timeout_cancels_with_a_message_and_keeps_history_consistent
     assert turn is not None and [t.role for t in turn.history] == ["user"], "a cancelled reply is not shown to the model"
 
 
-async def test_closing_a_reply_early_cancels_generation_and_records_it(make_manager: Factory) -> None:
-    manager = make_manager(max_reply_tokens=200, temperature=1.0)
+@pytest.fixture(scope="module")
+def rambler(shipped: LoadedModel) -> LoadedModel:
+    """A randomly initialised GPT with the shipped tokenizer: its greedy replies never end early."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=shipped.config.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=32)
+    return LoadedModel(model=GPT(config).eval(), tokenizer=shipped.tokenizer, name="rambler", config=config)
+
+
+async def test_closing_a_reply_early_cancels_generation_and_records_it(make_manager: Factory, rambler: LoadedModel) -> None:
+    engine = InferenceEngine(rambler)
+    manager = make_manager(engine=engine, max_reply_tokens=2000)
     reply = await manager.handle(msg("a long story please"))
     async with aclosing(reply.pieces) as pieces:
         async for _ in pieces:
             break
     await manager.close()
+    engine.close()
     stored = await rows(make_manager)
     assert [(m.role, m.status) for m in stored] == [("user", "ok"), ("bot", "cancelled")]
 
