@@ -17,8 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.accounts import Account, Ref, parse_ref, parse_refs
 from bot.config import Settings
+from bot.identity import user_for
 from bot.messages import Incoming
 from storage.bans import identities_named, set_banned
+from storage.models import User
 from storage.usage import usage_for
 
 
@@ -94,6 +96,12 @@ class Access:
         ):
             return Decision(Refusal.CHANNEL)
         return Decision()
+
+
+async def admitted_user(session: AsyncSession, *, access: Access, msg: Incoming) -> tuple[User, Decision]:
+    """The sender's user (created on first contact) and whether they may be answered here. The caller commits."""
+    user = await user_for(session, account=Account.of(msg), display_name=msg.display_name)
+    return user, access.check(msg, banned=user.banned)
 
 
 async def set_ban(session: AsyncSession, *, access: Access, actor: Account, target: str, banned: bool) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.access import Access, quota_for, set_ban
+from bot.access import Access, admitted_user, quota_for, set_ban
 from bot.accounts import Account
 from bot.config import Settings
 from bot.identity import AccountLinking
@@ -100,14 +100,7 @@ class CommandHandler:
         if handler is None:
             return Reply.text(self._help(account), ephemeral=True)
         async with self.sessions() as session, session.begin():
-            user = await repository.get_or_create_user(
-                session,
-                platform=msg.platform,
-                workspace_id=msg.workspace_id,
-                platform_user_id=msg.user_id,
-                display_name=msg.display_name,
-            )
-            decision = self.access.check(msg, banned=user.banned)
+            user, decision = await admitted_user(session, access=self.access, msg=msg)
             if not decision.allowed:
                 return Reply.text(decision.message, ephemeral=True, error=ErrorKind.REFUSED)
             return await handler(session, user, msg, command.args)

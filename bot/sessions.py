@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.access import Access, quota_for
+from bot.access import Access, admitted_user, quota_for
 from bot.accounts import Account
 from bot.commands import CommandHandler, parse_command
 from bot.config import Settings, parse_rate
@@ -150,14 +150,7 @@ class SessionManager:
         async with self.sessions() as session, session.begin():
             if msg.event_id and not await mark_event_processed(session, platform=msg.platform, event_id=msg.event_id):
                 return Reply.text("", error=ErrorKind.DUPLICATE), None
-            user = await repository.get_or_create_user(
-                session,
-                platform=msg.platform,
-                workspace_id=msg.workspace_id,
-                platform_user_id=msg.user_id,
-                display_name=msg.display_name,
-            )
-            decision = self.access.check(msg, banned=user.banned)
+            user, decision = await admitted_user(session, access=self.access, msg=msg)
             if not decision.allowed:
                 return Reply.text(decision.message, ephemeral=True, error=ErrorKind.REFUSED), None
             if self.settings.daily_token_quota:
