@@ -18,12 +18,15 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 
 from bot.config import Settings  # noqa: E402
 from bot.messages import Incoming  # noqa: E402
@@ -31,10 +34,8 @@ from bot.sessions import SessionManager  # noqa: E402
 from model.checkpoint import LoadedModel, load_model  # noqa: E402
 from model.generate import SamplingParams  # noqa: E402
 from storage.db import make_engine, make_session_factory, migrate  # noqa: E402
-from storage.models import Base  # noqa: E402
 
 
-POOL = 5
 REPLY = "That is a fine question, and here is a short answer to it."
 
 
@@ -49,12 +50,33 @@ class InstantEngine:
         yield REPLY
 
 
-async def run(url: str, users: int, messages: int, loaded: LoadedModel) -> list[float]:
-    db = make_engine(url, pool_size=POOL, max_overflow=0)
+@asynccontextmanager
+async def scratch_database(url: str) -> AsyncIterator[str]:
+    """A new, empty database beside the one url names (dropped afterwards), so a benchmark never touches real data."""
+    if url.startswith("sqlite"):
+        with tempfile.TemporaryDirectory() as tmp:
+            yield f"sqlite+aiosqlite:///{tmp}/bench.db"
+        return
+    name = f"gptbot_bench_{uuid.uuid4().hex[:12]}"
+    server = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    async with server.connect() as conn:
+        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with server.connect() as conn:
+            await conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await server.dispose()
+
+
+async def run(server_url: str, users: int, messages: int, loaded: LoadedModel) -> list[float]:
+    async with scratch_database(server_url) as url:
+        return await _run(url, users, messages, loaded)
+
+
+async def _run(url: str, users: int, messages: int, loaded: LoadedModel) -> list[float]:
+    db = make_engine(url, pool_size=min(users, 20), max_overflow=0)
     await migrate(db)
-    async with db.begin() as conn:  # start from empty tables
-        for table in reversed(Base.metadata.sorted_tables):
-            await conn.execute(text(f"DELETE FROM {table.name}"))
     settings = Settings(_env_file=None, database_url=url, rate_limit="0/minute", max_waiting_per_user=1000)
     manager = SessionManager(settings, make_session_factory(db), InstantEngine(loaded))  # type: ignore[arg-type]
     latencies: list[float] = []
@@ -80,20 +102,19 @@ def main() -> None:
     parser.add_argument("--postgres", default=os.environ.get("TEST_DATABASE_URL"), help="a PostgreSQL URL to measure too")
     args = parser.parse_args()
     loaded = load_model(Settings(_env_file=None).model_path)
-    with tempfile.TemporaryDirectory() as tmp:
-        backends = {"SQLite": f"sqlite+aiosqlite:///{tmp}/bench.db"}
-        if args.postgres:
-            backends["PostgreSQL"] = args.postgres
-        print(f"core overhead per message (no generation), {args.messages} messages per run")
-        print(f"{'database':<11} {'users':>5} {'p50 ms':>8} {'p95 ms':>8} {'msgs/s':>8}")
-        for name, url in backends.items():
-            for users in (1, 50):
-                start = time.perf_counter()
-                latencies = asyncio.run(run(url, users, args.messages, loaded))
-                elapsed = time.perf_counter() - start
-                q = statistics.quantiles(latencies, n=20)
-                print(f"{name:<11} {users:>5} {statistics.median(latencies) * 1e3:>8.2f} {q[18] * 1e3:>8.2f} "
-                      f"{len(latencies) / elapsed:>8.0f}")
+    backends = {"SQLite": "sqlite"}
+    if args.postgres:
+        backends["PostgreSQL"] = args.postgres
+    print(f"core overhead per message (no generation), {args.messages} messages per run")
+    print(f"{'database':<11} {'users':>5} {'p50 ms':>8} {'p95 ms':>8} {'msgs/s':>8}")
+    for name, url in backends.items():
+        for users in (1, 50):
+            start = time.perf_counter()
+            latencies = asyncio.run(run(url, users, args.messages, loaded))
+            elapsed = time.perf_counter() - start
+            q = statistics.quantiles(latencies, n=20)
+            print(f"{name:<11} {users:>5} {statistics.median(latencies) * 1e3:>8.2f} {q[18] * 1e3:>8.2f} "
+                  f"{len(latencies) / elapsed:>8.0f}")
 
 
 if __name__ == "__main__":
