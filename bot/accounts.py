@@ -11,6 +11,9 @@ ACCOUNT_FORM = "platform:id (e.g. discord:1234) or platform:workspace/id (e.g. s
 WORKSPACE_FORM = "platform:workspace (e.g. discord:1234 or slack:T01ABC)"
 
 
+GLOBAL_USER_IDS = {"console", "discord"}
+
+
 @dataclass(frozen=True)
 class Account:
     """One platform account, keyed the way storage keys identities."""
@@ -21,8 +24,14 @@ class Account:
 
     @classmethod
     def of(cls, msg: Incoming) -> Account:
-        """The account that sent a message."""
-        return cls(platform=msg.platform, workspace_id=msg.workspace_id, user_id=msg.user_id)
+        """The account that sent a message.
+
+        Discord user ids are the same in every server and in DMs, so a Discord account
+        has no workspace: one person is one user everywhere. Slack user ids belong to
+        their workspace.
+        """
+        workspace = "" if msg.platform in GLOBAL_USER_IDS else msg.workspace_id
+        return cls(platform=msg.platform, workspace_id=workspace, user_id=msg.user_id)
 
     def __str__(self) -> str:
         scope = f"{self.workspace_id}/" if self.workspace_id else ""

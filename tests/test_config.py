@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from bot.config import Settings, describe_error, env_example, env_name, masked
+from bot.config import PLATFORM_ENV_NAMES, Settings, describe_error, env_example, env_name, masked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("BOT_") or name in {"DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN", "SLACK_API_URL"}:
+        if name.startswith("BOT_") or name in PLATFORM_ENV_NAMES.values():
             monkeypatch.delenv(name)
 
 

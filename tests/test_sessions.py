@@ -100,6 +100,18 @@ async def test_dm_history_never_enters_a_channel_prompt(make_manager: Factory) -
     assert turn is not None and turn.history[0].text == "my secret is 4711"
 
 
+async def test_a_discord_user_is_one_user_in_every_server_and_in_dms(make_manager: Factory) -> None:
+    manager = make_manager()
+    await say(manager, msg("said in a DM", is_dm=True))
+    await say(manager, msg("said in server one", is_dm=False, workspace_id="G1", channel_id="C1"))
+    history = await say(manager, msg("/history", is_dm=False, workspace_id="G2", channel_id="C9"))
+    assert "said in a DM" in history.body and "said in server one" in history.body
+    slack = dict(platform="slack", user_id="U1", display_name="u", is_dm=True)
+    await say(manager, Incoming(text="in team one", workspace_id="T1", **slack))
+    other_team = await say(manager, Incoming(text="/history", workspace_id="T2", **slack))
+    assert "no stored messages" in other_team.body, "Slack user ids belong to their workspace"
+
+
 async def test_reset_starts_a_new_conversation_in_that_place_only(make_manager: Factory) -> None:
     manager = make_manager()
     channel = dict(is_dm=False, workspace_id="G1", channel_id="C1")

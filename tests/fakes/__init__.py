@@ -1,0 +1,1 @@
+"""Fakes of the platforms outside this machine (Discord, Slack) and a hand-built model, for tests of the real clients."""
