@@ -97,18 +97,15 @@ async def migrate_only(settings: Settings) -> None:
 async def serve(settings: Settings, adapter_names: list[str]) -> None:
     """Build the parts in order (database, model, core, adapters) and run the adapters until they end."""
     from bot.console_adapter import ConsoleAdapter
+    from bot.discord_adapter import DiscordAdapter, DiscordSetupError
     from bot.maintenance import prune_forever
+    from bot.messages import Adapter
     from bot.sessions import SessionManager
+    from bot.slack_adapter import SlackAdapter, SlackSetupError, slack_client
     from model.checkpoint import CheckpointError, load_model
     from model.engine import InferenceEngine
     from storage.db import make_session_factory
 
-    missing = [name for name in adapter_names if name != "console"]
-    if missing:
-        raise UserError(
-            f"the {', '.join(missing)} adapter is not part of this version yet; "
-            "unset its credentials or run with --adapter console"
-        )
     try:
         loaded = await asyncio.to_thread(load_model, settings.model_path, settings.device)
     except CheckpointError as exc:
@@ -122,14 +119,29 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
             manager = SessionManager(settings, sessions, inference)
         except jinja2.TemplateError as exc:
             raise UserError(f"BOT_PROMPT_TEMPLATE: the template does not load: {exc}") from exc
-        adapters = [ConsoleAdapter(manager)]
+        adapters: list[Adapter] = [ConsoleAdapter(manager)] if "console" in adapter_names else []
+        if "discord" in adapter_names:
+            try:
+                adapters.append(DiscordAdapter(manager, settings))
+            except DiscordSetupError as exc:
+                raise UserError(str(exc)) from exc
+        if "slack" in adapter_names:
+            try:
+                adapters.append(SlackAdapter(manager, settings, slack_client(settings)))
+            except SlackSetupError as exc:
+                raise UserError(str(exc)) from exc
         pruning = asyncio.create_task(prune_forever(settings, sessions))
         try:
             async with asyncio.TaskGroup() as group:
                 for adapter in adapters:
                     group.create_task(adapter.run())
+        except* (SlackSetupError, DiscordSetupError) as failed:
+            # A token or address the admin must fix: said in one line, without a traceback.
+            raise UserError(str(failed.exceptions[0])) from None
         finally:
             pruning.cancel()
+            # A round in progress gives its connection back before the database closes; else shutdown can hang.
+            await asyncio.gather(pruning, return_exceptions=True)
             await manager.close()
     finally:
         inference.close()

@@ -23,12 +23,13 @@ def _plain(text: str) -> dict[str, str]:
 
 def sections(text: str) -> list[Block]:
     """Section blocks that show text (escaped), split at Slack's section limit."""
-    return [{"type": "section", "text": {"type": "mrkdwn", "text": part}} for part in split_message(text, SECTION_LIMIT)]
+    parts = split_message(text, SECTION_LIMIT)
+    return [{"type": "section", "text": {"type": "mrkdwn", "text": part}} for part in parts]
 
 
 # Modal inputs: block id (also the core's setting name in /settings NAME VALUE), label, element.
 SETTINGS_INPUTS: tuple[tuple[str, str, Block], ...] = (
-    ("persona", "Persona", {"type": "plain_text_input", "multiline": True, "max_length": 2000}),
+    ("persona", "Persona", {"type": "plain_text_input", "multiline": True}),
     ("temperature", "Temperature", {"type": "number_input", "is_decimal_allowed": True}),
     ("length", "Reply length in tokens", {"type": "number_input", "is_decimal_allowed": False}),
 )
@@ -42,8 +43,7 @@ def settings_modal(current: str, *, metadata: str) -> Block:
             "block_id": name,
             "optional": True,
             "label": _plain(label),
-            "hint": _plain("Leave empty to keep it; 'default' in the persona undoes your change."
-                           if name == "persona" else "Leave empty to keep it."),
+            "hint": _plain("Leave empty to keep it as it is."),
             "element": {**element, "action_id": "value"},
         }
         for name, label, element in SETTINGS_INPUTS
@@ -87,9 +87,7 @@ def home_view(settings: str, usage: str, status: str = "") -> Block:
             ],
         },
     ]
-    if status:
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": split_message(status, 3000)[0]}]})
-    return {"type": "home", "blocks": blocks}
+    return {"type": "home", "blocks": [*blocks, *sections(status)]}
 
 
 def confirm_blocks(text: str, command: str) -> list[Block]:
