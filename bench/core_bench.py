@@ -18,15 +18,12 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy.engine import make_url  # noqa: E402
-from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 
 from bot.config import Settings  # noqa: E402
 from bot.messages import Incoming  # noqa: E402
@@ -34,6 +31,7 @@ from bot.sessions import SessionManager  # noqa: E402
 from model.checkpoint import LoadedModel, load_model  # noqa: E402
 from model.generate import SamplingParams  # noqa: E402
 from storage.db import make_engine, make_session_factory, migrate  # noqa: E402
+from storage_bench import temporary_postgres  # noqa: E402
 
 
 REPLY = "That is a fine question, and here is a short answer to it."
@@ -56,17 +54,9 @@ async def scratch_database(url: str) -> AsyncIterator[str]:
     if url.startswith("sqlite"):
         with tempfile.TemporaryDirectory() as tmp:
             yield f"sqlite+aiosqlite:///{tmp}/bench.db"
-        return
-    name = f"gptbot_bench_{uuid.uuid4().hex[:12]}"
-    server = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    async with server.connect() as conn:
-        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        async with server.connect() as conn:
-            await conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await server.dispose()
+    else:
+        async with temporary_postgres(url) as scratch:
+            yield scratch
 
 
 async def run(server_url: str, users: int, messages: int, loaded: LoadedModel) -> list[float]:
