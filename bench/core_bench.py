@@ -44,7 +44,7 @@ class InstantEngine:
         self.loaded = loaded
         self.context_size = loaded.config.block_size
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None = None) -> AsyncIterator[str]:
         yield REPLY
 
 

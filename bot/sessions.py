@@ -197,7 +197,9 @@ class SessionManager:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.reply_timeout):
-                async with aclosing(self.engine.stream(prompt, self._sampling(turn.preferences))) as stream:
+                # The conversation id lets the engine reuse the KV cache of the previous turn.
+                replies = self.engine.stream(prompt, self._sampling(turn.preferences), cache_key=str(turn.conversation_id))
+                async with aclosing(replies) as stream:
                     async for piece in stream:
                         pieces.append(piece)
                         queue.put_nowait(piece)

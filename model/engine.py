@@ -1,4 +1,4 @@
-"""The inference engine: owns the model in one worker thread and streams replies to asyncio callers."""
+"""The inference engine: the model in one worker thread, continuous batching, replies streamed to asyncio."""
 
 from __future__ import annotations
 
@@ -6,77 +6,187 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass, replace
 
 import torch
 
+from model.batching import Batcher, BatchStats, Event, Request
 from model.checkpoint import LoadedModel
-from model.generate import SamplingParams, stream_text
+from model.generate import SamplingParams
+from model.inference_weights import prepare
+from model.reply_text import ReplyText
 
 log = logging.getLogger(__name__)
-
-_DONE = object()
 
 
 class EngineBusy(Exception):
     """More requests are waiting than the engine accepts; the caller should answer "busy"."""
 
 
-class InferenceEngine:
-    """Runs generation requests one after another on the model's own thread.
+class EngineError(RuntimeError):
+    """The engine could not answer: it is closed, or the model failed (the cause is chained)."""
 
-    The event loop never runs model code: each request's text pieces travel back
-    through an asyncio queue, and closing the stream stops its generation at the
-    next token.
+
+@dataclass(eq=False, kw_only=True)
+class _Submitted(Request):
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[int | str | BaseException | None]
+
+
+class InferenceEngine:
+    """Answers many conversations at once from one worker thread that owns the model.
+
+    Callers on the event loop submit requests and read their text back as it is produced;
+    the event loop never runs model code. The worker schedules per decoding step (see
+    model.batching): new requests join the running batch after their prefill, finished
+    ones leave at once, and closing a stream stops its request at the next step. With a
+    cache_key (the conversation), the keys and values of the previous turn are kept,
+    least recently used evicted first, so the next turn only prefills its new tokens.
+
+    Options: max_waiting requests may wait for a batch row (more raise EngineBusy at once);
+    max_batch sequences decode together; cache_mb bounds the conversation cache; at most
+    prefill_chunk prompt tokens run between two decoding steps; torch_threads (0 = torch's
+    default) for CPU; precision is one of inference_weights.PRECISIONS. The engine works on
+    its own copy of the weights (see model.inference_weights), on the model's device.
     """
 
-    def __init__(self, loaded: LoadedModel, *, max_waiting: int = 64, torch_threads: int = 0) -> None:
-        self.loaded = loaded
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_waiting: int = 64,
+        torch_threads: int = 0,
+        max_batch: int = 16,
+        cache_mb: int = 256,
+        prefill_chunk: int = 256,
+        precision: str = "float32",
+    ) -> None:
+        model = prepare(loaded.model, precision)
+        self.loaded = replace(loaded, model=model)
         self.max_waiting = max_waiting
         self._torch_threads = torch_threads
-        self._pending = 0  # requests submitted and not finished
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference", initializer=self._init_thread)
-
-    def _init_thread(self) -> None:
-        if self._torch_threads:
-            torch.set_num_threads(self._torch_threads)
+        self._batcher = Batcher(model, max_batch=max_batch, cache_bytes=cache_mb * 2**20, prefill_chunk=prefill_chunk)
+        pool = self._batcher.kv
+        log.info(
+            "inference engine: %s on %s, %d batch rows x %d positions (KV pool %.0f MiB), conversation cache %d MiB",
+            precision, self._batcher.device, pool.rows, self.context_size,
+            pool.rows * self.context_size * pool.bytes_per_token() / 2**20, cache_mb,
+        )
+        self._inbox: list[_Submitted] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="inference", daemon=True)
+        self._thread.start()
 
     @property
     def context_size(self) -> int:
         return self.loaded.config.block_size
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
-        """Generate a reply to prompt_ids, yielding text pieces as the model produces them."""
-        if self._pending >= self.max_waiting:
-            raise EngineBusy(f"{self._pending} requests are already waiting")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        stop = threading.Event()
+    def stats(self) -> BatchStats:
+        """A snapshot of the queue, the batch, the conversation cache and the work done so far."""
+        with self._wake:
+            stats = self._batcher.stats()
+            return replace(stats, waiting=stats.waiting + len(self._inbox))
 
-        def work() -> None:
-            try:
-                if stop.is_set():  # given up while it waited for the thread
-                    return
-                for piece in stream_text(self.loaded.model, self.loaded.tokenizer, prompt_ids, params):
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-                    if stop.is_set():
-                        break
-            except BaseException as exc:  # handed to the caller, which logs it once
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None = None
+    ) -> AsyncIterator[str]:
+        """Generate a reply to prompt_ids, yielding UTF-8-safe text pieces as the model produces them.
 
-        self._pending += 1
-        future = loop.run_in_executor(self._executor, work)
-        try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item  # type: ignore[misc]
-        finally:
-            self._pending -= 1
-            stop.set()
-            await asyncio.shield(future)
+        As generate.stream_text: any special token, a stop id or a stop string ends the reply.
+        Raises EngineBusy (before any text) when too many requests wait.
+        """
+        tokenizer = self.loaded.tokenizer
+        params = replace(params, stop_ids=(*params.stop_ids, *sorted(tokenizer.special_ids)))
+        text = ReplyText(tokenizer, params.stop_strings)
+        async with aclosing(self._submit(prompt_ids, params, cache_key, text)) as items:
+            async for item in items:
+                assert isinstance(item, str)
+                yield item
+
+    async def stream_tokens(
+        self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None = None
+    ) -> AsyncIterator[int]:
+        """Generate new token ids as generate.generate_tokens does: until a stop id or max_new_tokens."""
+        async with aclosing(self._submit(prompt_ids, params, cache_key, None)) as items:
+            async for item in items:
+                assert isinstance(item, int)
+                yield item
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the worker; requests still running end with EngineError. Safe to call twice."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    async def _submit(
+        self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None, text: ReplyText | None
+    ) -> AsyncIterator[int | str]:
+        vocab = self.loaded.config.vocab_size
+        if not prompt_ids:
+            raise ValueError("prompt_ids must not be empty")
+        if not all(0 <= i < vocab for i in prompt_ids):
+            raise ValueError(f"prompt ids must lie in [0, {vocab})")
+        request = _Submitted(
+            prompt_ids=list(prompt_ids), params=params, cache_key=cache_key, text=text,
+            loop=asyncio.get_running_loop(), queue=asyncio.Queue(),
+        )
+        with self._wake:
+            if self._closed:
+                raise EngineError("the inference engine is closed")
+            waiting = len(self._inbox) + self._batcher.stats().waiting
+            if waiting >= self.max_waiting:
+                raise EngineBusy(f"{waiting} requests are already waiting")
+            self._inbox.append(request)
+            self._wake.notify()
+        try:
+            while (item := await request.queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise EngineError(f"generation failed: {item}") from item
+                yield item
+        finally:
+            request.cancelled = True  # a no-op when it has ended; else it leaves at the next step
+
+    def _work(self) -> None:
+        if self._torch_threads:
+            torch.set_num_threads(self._torch_threads)  # per thread under OpenMP: set it here
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closed and not self._inbox and self._batcher.idle:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    arrivals, self._inbox = self._inbox, []
+                    for request in arrivals:
+                        self._batcher.add(request)
+                try:
+                    events = self._batcher.step()
+                except Exception as exc:  # a batched step failed: every running request gets the cause
+                    events = self._batcher.fail_all(exc)
+                _deliver(events)
+        with self._wake:
+            leftovers, self._inbox = self._inbox, []
+            for request in leftovers:
+                self._batcher.add(request)
+            _deliver(self._batcher.fail_all(EngineError("the inference engine was closed")))
+
+
+def _deliver(events: list[Event]) -> None:
+    """Hand events to their requests' event loops: one wake-up per loop and step."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Submitted, int | str | BaseException | None]]] = {}
+    for request, item in events:
+        assert isinstance(request, _Submitted)
+        by_loop.setdefault(request.loop, []).append((request, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that loop is closed: nobody is listening any more
+            pass
+
+
+def _put_all(items: list[tuple[_Submitted, int | str | BaseException | None]]) -> None:
+    for request, item in items:
+        request.queue.put_nowait(item)

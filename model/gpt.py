@@ -5,6 +5,7 @@ so importing Hugging Face GPT-2 weights is a rename plus a transpose of the Conv
 """
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.config import GPTConfig
+
+if TYPE_CHECKING:
+    from model.kv_pool import RowKVCache
 
 
 class KVCache:
@@ -31,6 +35,13 @@ class KVCache:
         self.v[layer][:, :, start_pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    @classmethod
+    def over(cls, k: list[Tensor], v: list[Tensor]) -> "KVCache":
+        """A cache over existing per-layer tensors (B, nh, block_size, hs), e.g. rows of a pool."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
@@ -43,12 +54,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, nh, T, hs) of x (B, T, C)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
+
+    def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
+        B, T, C = x.size()
+        q, k, v = self._heads(x)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, nh, S, hs), S = start_pos+T
         S = k.size(2)
@@ -66,6 +83,18 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def decode_rows(self, x: Tensor, cache: "RowKVCache", pos: Tensor, mask: Tensor) -> Tensor:
+        """One new token per sequence, x (B, 1, C): row b of cache is sequence b, its token at pos[b].
+
+        mask (B, 1, 1, S), added to the scores, hides each row's positions after its own (-inf);
+        S is the longest row + 1.
+        """
+        B, T, C = x.size()
+        q, k, v = self._heads(x)  # (B, nh, 1, hs)
+        k, v = cache.write_rows(self.layer, pos, k, v, mask.size(-1))  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, 1, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -92,6 +121,11 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
+        return x + self.mlp(self.ln_2(x))
+
+    def decode_rows(self, x: Tensor, cache: "RowKVCache", pos: Tensor, mask: Tensor) -> Tensor:
+        """forward for one new token per row of a batch of sequences (see the attention's)."""
+        x = x + self.attn.decode_rows(self.ln_1(x), cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -178,6 +212,41 @@ class GPT(nn.Module):
         With targets (B, T), also the mean cross-entropy loss; target -100 is ignored.
         With kv_cache, this call's keys and values are stored and earlier ones attended to.
         """
+        x = self._trunk(idx, kv_cache, start_pos)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+            )
+        return logits, loss
+
+    def forward_last(self, idx: Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+        """Logits (B, vocab) of the last position only, as forward's [:, -1] without the LM head
+        on every other position (prefill)."""
+        return self.lm_head(self._trunk(idx, kv_cache, start_pos)[:, -1])
+
+    def decode_rows(self, tokens: Tensor, pos: Tensor, cache: "RowKVCache") -> Tensor:
+        """Logits (B, vocab) after one new token for each of B sequences at once.
+
+        tokens (B,) sit at positions pos (B,); row b of cache holds sequence b, whose keys and
+        values at positions 0 .. pos[b]-1 are stored. Linear layers run on the whole batch;
+        attention sees each row's own positions only, so rows never mix.
+        """
+        B = tokens.size(0)
+        span = int(pos.max()) + 1  # positions the longest row attends to
+        x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, C)
+        # additive mask, built once for all layers: -inf on the positions after each row's own
+        after = torch.arange(span, device=tokens.device).unsqueeze(0) > pos.unsqueeze(1)  # (B, S)
+        mask = torch.zeros(B, 1, 1, span, device=x.device, dtype=x.dtype)
+        mask.masked_fill_(after.view(B, 1, 1, span), float("-inf"))  # (B, 1, 1, S)
+        x = x.unsqueeze(1)  # (B, 1, C)
+        for block in self.transformer.h:
+            x = block.decode_rows(x, cache, pos, mask)
+        return self.lm_head(self.transformer.ln_f(x[:, 0]))  # (B, vocab)
+
+    def _trunk(self, idx: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
+        """Final-layer-normed hidden states (B, T, C) for idx (B, T) at [start_pos, start_pos+T)."""
         B, T = idx.size()
         if start_pos < 0 or start_pos + T > self.config.block_size:
             raise ValueError(
@@ -192,11 +261,4 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + pos_emb)
         for block in self.transformer.h:
             x = block(x, kv_cache, start_pos)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-            )
-        return logits, loss
+        return self.transformer.ln_f(x)

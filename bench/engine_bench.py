@@ -1,0 +1,548 @@
+"""Engine benchmarks: our inference engine against transformers on identical weights, as tables.
+
+Two models side by side in one run: the shipped chat model, and a randomly initialised
+GPT-2-small-sized GPT (124M) with the GPT-2 tokenizer. transformers runs GPT2LMHeadModel
+loaded from export_gpt2 of the very same weights, with the same torch threads. Usage:
+
+    python bench/engine_bench.py [--threads 2] [--device cpu] [--quick]
+
+Tables: single stream (200 greedy tokens; with and without KV cache); the memory-bandwidth
+limit; concurrent conversations (ours vs transformers one after another vs transformers static
+batching); time to first token over a multi-turn conversation with and without cache reuse;
+precision and threads, each with tokens/s (and bits per byte on validation for the shipped model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.checkpoint import LoadedModel, export_gpt2, load_model  # noqa: E402
+from model.config import GPTConfig  # noqa: E402
+from model.data import load_corpus, split_by_conversation  # noqa: E402
+from model.engine import InferenceEngine  # noqa: E402
+from model.evaluate import score  # noqa: E402
+from model.generate import SamplingParams, generate_tokens  # noqa: E402
+from model.gpt import GPT  # noqa: E402
+from model.inference_weights import PRECISIONS, InputMajorLinear, prepare  # noqa: E402
+from model.tokenizer import ChatTokenizer  # noqa: E402
+
+GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+PERSONA = "I am a friendly chat bot. I answer briefly and kindly."
+MESSAGES = [
+    "hi there, how are you today?", "what do you like to do on weekends?", "i just got back from a run.",
+    "do you have any pets?", "my dog is called rex and he loves the beach.", "what is your favourite food?",
+    "i could eat pizza every day.", "have you been to italy?", "i want to learn to cook pasta properly.",
+    "what music do you listen to?", "i play the guitar a little.", "do you read books?",
+    "i am reading a novel about the sea.", "what is the weather like where you are?", "it is raining here.",
+    "tell me something funny.", "that made me laugh.", "i have to work early tomorrow.",
+    "any tips for sleeping well?", "thanks, good night!",
+]
+
+
+@dataclass
+class Subject:
+    name: str
+    loaded: LoadedModel
+    hf: Any  # transformers.GPT2LMHeadModel with the same weights
+    prompt_lengths: tuple[int, int]  # shortest and longest prompt of the concurrency runs
+    reply_tokens: int  # reply budget of the multi-turn conversation
+    repeats: int  # runs of the multi-turn conversation; each turn's median is reported
+
+
+@dataclass
+class Timed:
+    tokens: list[int]
+    first: float  # seconds from arrival to the first new token
+    total: float  # seconds from arrival to the last
+
+
+def greedy(n: int, stop: Sequence[int] = ()) -> SamplingParams:
+    return SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=n, stop_ids=tuple(stop))
+
+
+def random_prompt(vocab: int, length: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(4, vocab) for _ in range(length)]  # ids 0..3: special tokens of ours
+
+
+@contextmanager
+def engine_for(subject: Subject, args: argparse.Namespace, **options: Any) -> Iterator[InferenceEngine]:
+    options = {"torch_threads": args.threads, "max_batch": 32, **options}
+    engine = InferenceEngine(subject.loaded, **options)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+# ---- measuring our engine ----------------------------------------------------------------
+
+
+async def timed(
+    engine: InferenceEngine, prompt: list[int], params: SamplingParams, key: str | None = None, delay: float = 0.0
+) -> Timed:
+    await asyncio.sleep(delay)
+    start, first, tokens = time.perf_counter(), float("nan"), []
+    async with aclosing(engine.stream_tokens(prompt, params, key)) as stream:
+        async for token in stream:
+            if not tokens:
+                first = time.perf_counter() - start
+            tokens.append(token)
+    return Timed(tokens, first, time.perf_counter() - start)
+
+
+async def concurrent(
+    engine: InferenceEngine, prompts: list[list[int]], arrivals: list[float], n: int
+) -> tuple[list[Timed], float]:
+    start = time.perf_counter()
+    runs = await asyncio.gather(*(timed(engine, p, greedy(n), delay=a) for p, a in zip(prompts, arrivals)))
+    return list(runs), time.perf_counter() - start
+
+
+def engine_tokens_per_second(engine: InferenceEngine, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    asyncio.run(timed(engine, prompt, greedy(8)))  # warm-up
+    run = asyncio.run(timed(engine, prompt, greedy(n)))
+    return len(run.tokens) / run.total, run.tokens
+
+
+# ---- measuring transformers ----------------------------------------------------------------
+
+
+class FirstToken:
+    """A generate() streamer that notes when the first new tokens arrive (the prompt comes first)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.at = float("nan")
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generate(hf: Any, prompts: list[list[int]], n: int, streamer: FirstToken | None = None) -> torch.Tensor:
+    """Greedy generate(use_cache=True) of exactly n tokens; several prompts are left-padded into one batch."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    device = hf.device
+    with torch.inference_mode():
+        out = hf.generate(
+            ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, do_sample=False,
+            use_cache=True, streamer=streamer,
+        )
+    return out[:, width:].cpu()
+
+
+def hf_tokens_per_second(hf: Any, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    hf_generate(hf, [prompt], 8)  # warm-up
+    start = time.perf_counter()
+    out = hf_generate(hf, [prompt], n)
+    return n / (time.perf_counter() - start), out[0].tolist()
+
+
+def hf_one_after_another(hf: Any, prompts: list[list[int]], arrivals: list[float], n: int) -> tuple[list[float], float]:
+    """Requests served in arrival order, each alone; time to first token counts the wait."""
+    start, firsts = time.perf_counter(), []
+    for prompt, arrival in zip(prompts, arrivals):
+        time.sleep(max(0.0, start + arrival - time.perf_counter()))
+        streamer = FirstToken()
+        hf_generate(hf, [prompt], n, streamer)
+        firsts.append(streamer.at - (start + arrival))
+    return firsts, time.perf_counter() - start
+
+
+def hf_static_batch(hf: Any, prompts: list[list[int]], arrivals: list[float], n: int) -> tuple[list[float], float]:
+    """One padded batch, started when the last request has arrived."""
+    start = time.perf_counter()
+    time.sleep(max(0.0, start + max(arrivals) - time.perf_counter()))
+    streamer = FirstToken()
+    hf_generate(hf, prompts, n, streamer)
+    return [streamer.at - (start + a) for a in arrivals], time.perf_counter() - start
+
+
+# ---- the sections ------------------------------------------------------------------------
+
+
+def reference_tokens_per_second(model: GPT, prompt: list[int], n: int, use_cache: bool) -> tuple[float, list[int]]:
+    with torch.inference_mode():
+        list(generate_tokens(model, prompt, greedy(4), use_cache=use_cache))  # warm-up
+        start = time.perf_counter()
+        tokens = list(generate_tokens(model, prompt, greedy(n), use_cache=use_cache))
+    return len(tokens) / (time.perf_counter() - start), tokens
+
+
+def single_stream(s: Subject, args: argparse.Namespace) -> dict[str, Any]:
+    prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
+    with engine_for(s, args) as engine:
+        ours, ours_tokens = engine_tokens_per_second(engine, prompt, args.tokens)
+    hf, hf_tokens = hf_tokens_per_second(s.hf, prompt, args.tokens)
+    cached, a = reference_tokens_per_second(s.loaded.model, prompt, args.tokens, use_cache=True)
+    uncached, b = reference_tokens_per_second(s.loaded.model, prompt, args.tokens, use_cache=False)
+    return dict(ours=ours, hf=hf, same_as_hf=ours_tokens == hf_tokens, cached=cached, uncached=uncached,
+                same_cache=a == b == ours_tokens)
+
+
+def copy_bandwidth(device: torch.device, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a tensor copy moves (read + write), the best of a few runs."""
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """Weight bytes one decoding step reads: every linear layer (the LM head too) and layer norm.
+
+    The embedding tables give one row per token and are left out; the tied LM head reads wte whole.
+    """
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, InputMajorLinear, nn.LayerNorm)):
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+        elif isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # int8 weight, fp32 bias
+            weight, bias = module.weight(), module.bias()
+            total += weight.numel() + (bias.numel() * 4 if bias is not None else 0)
+    return total
+
+
+def concurrency(s: Subject, args: argparse.Namespace, n: int, gap: float) -> dict[str, Any]:
+    """n conversations arriving gap seconds apart: ours, transformers one by one, transformers batched."""
+    rng = random.Random(n)
+    low, high = s.prompt_lengths
+    prompts = [random_prompt(s.loaded.tokenizer.vocab_size, rng.randint(low, high), rng) for _ in range(n)]
+    arrivals = [i * gap for i in range(n)]
+    m = args.concurrent_tokens
+    with engine_for(s, args) as engine:
+        asyncio.run(timed(engine, prompts[0], greedy(4)))  # warm-up
+        runs, ours_total = asyncio.run(concurrent(engine, prompts, arrivals, m))
+    hf_generate(s.hf, prompts[:1], 4)  # warm-up
+    serial_firsts, serial_total = hf_one_after_another(s.hf, prompts, arrivals, m)
+    static_firsts, static_total = hf_static_batch(s.hf, prompts, arrivals, m)
+    tokens = n * m
+    return dict(
+        ours=(tokens / ours_total, *_p50_p95([r.first for r in runs]), ours_total),
+        serial=(tokens / serial_total, *_p50_p95(serial_firsts), serial_total),
+        static=(tokens / static_total, *_p50_p95(static_firsts), static_total),
+        complete=all(len(r.tokens) == m for r in runs),
+    )
+
+
+def multi_turn(s: Subject, args: argparse.Namespace) -> dict[str, list[tuple[float, int, int]]]:
+    """Per variant and turn: (median time to first token, prompt tokens, reused tokens).
+
+    Variants: no reuse; reuse with the window sliding turn by turn (as bot/prompt.py keeps
+    the newest turns that fit); reuse with the window cut in chunks (see window_start).
+    """
+    tokenizer = s.loaded.tokenizer
+    params = greedy(s.reply_tokens, stop=sorted(tokenizer.special_ids))
+    out = {}
+    with engine_for(s, args) as engine:
+        asyncio.run(timed(engine, tokenizer.encode("warm up"), greedy(4)))
+        for variant, chunked in [("no reuse", False), ("reuse", False), ("reuse, chunked window", True)]:
+            keys = [f"{variant}-{rep}" if variant != "no reuse" else None for rep in range(s.repeats)]
+            runs = [asyncio.run(_conversation(engine, s, params, key, args.turns, chunked)) for key in keys]
+            out[variant] = [(statistics.median(r[t][0] for r in runs), runs[0][t][1], runs[0][t][2])
+                            for t in range(args.turns)]
+    return out
+
+
+async def _conversation(
+    engine: InferenceEngine, s: Subject, params: SamplingParams, key: str | None, turns: int, chunked: bool
+) -> list[tuple[float, int, int]]:
+    tokenizer, history, start, result = s.loaded.tokenizer, [], 0, []
+    for i in range(turns):
+        message = MESSAGES[i % len(MESSAGES)]
+        head = tokenizer.turn("system", PERSONA)
+        tail = tokenizer.turn("user", message) + tokenizer.reply_prefix()
+        room = engine.context_size - s.reply_tokens - len(head) - len(tail)
+        start = window_start([len(ids) for ids in history], room, start, chunked)
+        prompt = head + [t for ids in history[start:] for t in ids] + tail
+        before = engine.stats().reused_tokens
+        run = await timed(engine, prompt, params, key)
+        result.append((run.first, len(prompt), engine.stats().reused_tokens - before))
+        reply = tokenizer.decode(run.tokens).strip()
+        history += [tokenizer.turn("user", message), tokenizer.turn("bot", reply)]
+    return result
+
+
+def window_start(costs: list[int], room: int, start: int, chunked: bool) -> int:
+    """Index of the oldest history turn that fits the prompt's room (tokens); costs per turn.
+
+    Sliding: the newest turns that fit, so the prompt's start changes every turn once full.
+    Chunked: keep the previous start while it fits; when it no longer does, drop the oldest
+    turns down to half the room, so the next turns extend the same prefix and reuse its cache.
+    """
+    if not chunked or sum(costs[start:]) > room:
+        limit = room // 2 if chunked else room
+        start = start if chunked else 0
+        while sum(costs[start:]) > limit:
+            start += 1
+    return start
+
+
+def precisions(s: Subject, args: argparse.Namespace, val: list[list[str]] | None) -> dict[str, tuple[float, float, float]]:
+    """Per precision: single-stream tokens/s, 16-conversation aggregate tokens/s, validation bits per byte."""
+    prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
+    rng = random.Random(16)
+    prompts = [random_prompt(s.loaded.tokenizer.vocab_size, rng.randint(*s.prompt_lengths), rng) for _ in range(16)]
+    out = {}
+    for precision in PRECISIONS:
+        if precision == "int8" and args.device != "cpu":
+            continue
+        with engine_for(s, args, precision=precision) as engine:
+            single, _ = engine_tokens_per_second(engine, prompt, args.tokens)
+            runs, total = asyncio.run(concurrent(engine, prompts, [0.0] * 16, args.concurrent_tokens))
+            bpb = float("nan")
+            if val:
+                with torch.inference_mode():
+                    bpb = score(engine.loaded.model, s.loaded.tokenizer, val, s.loaded.config.block_size,
+                                device=torch.device(args.device))["bits_per_byte"]
+        out[precision] = (single, 16 * args.concurrent_tokens / total, bpb)
+    return out
+
+
+def threads(s: Subject, args: argparse.Namespace) -> dict[int, tuple[float, float]]:
+    """Single-stream tokens/s of ours and transformers' with 1 thread and with args.threads."""
+    prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
+    out = {}
+    for n in sorted({1, args.threads}):
+        torch.set_num_threads(n)
+        with engine_for(s, args, torch_threads=n) as engine:
+            ours, _ = engine_tokens_per_second(engine, prompt, args.tokens)
+        out[n] = (ours, hf_tokens_per_second(s.hf, prompt, args.tokens)[0])
+    torch.set_num_threads(args.threads)
+    return out
+
+
+# ---- models, data, output ------------------------------------------------------------------
+
+
+def our_model(which: str, args: argparse.Namespace) -> LoadedModel:
+    """"shipped", or "gpt2": a seeded random GPT-2-small-sized GPT with the GPT-2 tokenizer."""
+    if which == "shipped":
+        return load_model(args.model, args.device)
+    torch.manual_seed(0)
+    tokenizer = ChatTokenizer.from_gpt2_files(args.gpt2_tokenizer / "encoder.json", args.gpt2_tokenizer / "vocab.bpe")
+    gpt2 = GPT(GPT2_SMALL).to(args.device).eval()
+    return LoadedModel(model=gpt2, tokenizer=tokenizer, name="gpt2-small", config=GPT2_SMALL)
+
+
+def subjects(args: argparse.Namespace, workdir: Path) -> list[Subject]:
+    from transformers import GPT2LMHeadModel
+
+    shipped, small = our_model("shipped", args), our_model("gpt2", args)
+    found = []
+    for name, loaded, lengths, reply, repeats in [
+        (f"shipped ({shipped.model.num_params() / 1e6:.1f}M)", shipped, (16, 128), 48, 1 if args.quick else 5),
+        (f"GPT-2 small size ({small.model.num_params() / 1e6:.0f}M, random)", small, (16, 160), 24, 1),
+    ]:
+        folder = workdir / loaded.name
+        export_gpt2(loaded.model, loaded.tokenizer, folder)
+        hf = GPT2LMHeadModel.from_pretrained(folder).to(args.device).eval()
+        hf.generation_config.eos_token_id = None  # exactly n tokens, as ours without stop ids
+        hf.generation_config.pad_token_id = 0
+        found.append(Subject(name, loaded, hf, lengths, reply, repeats))
+    return found
+
+
+def serving_rss(which: str, args: argparse.Namespace) -> float:
+    """Peak RSS (MiB) of a fresh process that loads one model and serves 32 conversations with it."""
+    command = [sys.executable, __file__, "--rss-probe", which, "--model", str(args.model),
+               "--gpt2-tokenizer", str(args.gpt2_tokenizer), "--device", args.device, "--threads", str(args.threads)]
+    return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
+def rss_probe(which: str, args: argparse.Namespace) -> None:
+    loaded = our_model(which, args)
+    rng = random.Random(0)
+    prompts = [random_prompt(loaded.tokenizer.vocab_size, rng.randint(16, 128), rng) for _ in range(32)]
+    engine = InferenceEngine(loaded, torch_threads=args.threads, max_batch=32)
+    asyncio.run(concurrent(engine, prompts, [0.0] * 32, 64))
+    engine.close()
+    print(_peak_rss_mib())
+
+
+def validation(model_dir: Path, limit: int) -> list[list[str]] | None:
+    """The held-out conversations of the shipped model's training run (see its config.json meta)."""
+    meta = json.loads((model_dir / "config.json").read_text()).get("meta", {})
+    paths = [(ROOT / d["path"]).resolve() for d in meta.get("data", [])]
+    if not paths or not all(p.exists() for p in paths):
+        return None
+    conversations = [c for p in paths for c in load_corpus(p)]
+    return split_by_conversation(conversations, meta["val_fraction"], meta["seed"])[1][:limit]
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def _turn_rows(
+    name: str, turns: dict[str, list[tuple[float, int, int]]], variants: list[str], n: int
+) -> list[tuple[Any, ...]]:
+    """Table 4's rows for one model: turns 1, 5 and n, then the mean of turns 2..n."""
+    picked = [(str(t + 1), [turns[v][t] for v in variants]) for t in sorted({0, 4, n - 1}) if t < n]
+    means = [tuple(statistics.fmean(turn[i] for turn in turns[v][1:]) for i in range(3)) for v in variants]
+    rows = []
+    for label, values in [*picked, (f"2-{n}", means)]:
+        first = [turns[v][0][0] for v in variants]
+        rows.append((name if not rows else "", label, *(1000 * ttft for ttft, _, _ in values),
+                     *(f"{prompt:.0f} ({reused:.0f})" for _, prompt, reused in values[1:]),
+                     *(values[i][0] / first[i] for i in (1, 2))))
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if value != value else f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3f}"
+    return str(value)
+
+
+def _p50_p95(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_rss_mib() -> float:
+    # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's peak across fork + exec
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "model" / "shipped")
+    parser.add_argument("--gpt2-tokenizer", type=Path,
+                        default=Path(os.environ.get("GPT2_TOKENIZER_DIR", "/work/shared/data/gpt2-tokenizer")))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, ours and theirs")
+    parser.add_argument("--tokens", type=int, default=200, help="new tokens of the single-stream runs")
+    parser.add_argument("--concurrency", default="1,4,16,32", help="numbers of simultaneous conversations")
+    parser.add_argument("--concurrent-tokens", type=int, default=64, help="new tokens per concurrent request")
+    parser.add_argument("--stagger", type=float, default=1.0,
+                        help="gap between concurrent arrivals, in decoding steps of a lone stream of ours")
+    parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--val-conversations", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
+    parser.add_argument("--rss-probe", choices=("shipped", "gpt2"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_probe:
+        torch.set_num_threads(args.threads)
+        return rss_probe(args.rss_probe, args)
+    if args.quick:
+        args.tokens, args.concurrency, args.concurrent_tokens = 12, "1,4", 8
+        args.turns, args.val_conversations = 5, 10
+    torch.set_num_threads(args.threads)
+    levels = [int(n) for n in args.concurrency.split(",")]
+    val = validation(args.model, args.val_conversations)
+    bandwidth = float("nan")
+
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for s in subjects(args, Path(workdir)):
+            print(f"measuring {s.name} ...", file=sys.stderr)
+            r = results.setdefault(s.name, {})
+            r["single"] = single_stream(s, args)
+            r["bytes"] = {p: bytes_per_token(prepare(s.loaded.model, p)) for p in PRECISIONS if p != "int8" or args.device == "cpu"}
+            r["gap"] = args.stagger / r["single"]["ours"]
+            r["concurrency"] = {n: concurrency(s, args, n, r["gap"]) for n in levels}
+            r["turns"] = multi_turn(s, args)
+            r["precision"] = precisions(s, args, val if s.loaded.name != "gpt2-small" else None)
+            r["threads"] = threads(s, args)
+            r["rss"] = serving_rss("shipped" if s.loaded.name != "gpt2-small" else "gpt2", args)
+            if len(results) == 1:  # after the shipped model, whose peak RSS should be its own
+                bandwidth = copy_bandwidth(torch.device(args.device))
+
+    _print(results, args, bandwidth, levels)
+
+
+def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, bandwidth: float, levels: list[int]) -> None:
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {args.device}, "
+          f"{args.threads} threads; command: python bench/engine_bench.py {' '.join(sys.argv[1:])}")
+    table(f"1. Single stream: {args.tokens} new tokens, greedy, 32-token prompt (tokens/s)",
+          ["model", "our engine", "transformers", "ratio", "same tokens", "ours no cache", "cache speed-up", "same"],
+          [(name, r["single"]["ours"], r["single"]["hf"], r["single"]["ours"] / r["single"]["hf"],
+            r["single"]["same_as_hf"], r["single"]["uncached"], r["single"]["cached"] / r["single"]["uncached"],
+            r["single"]["same_cache"]) for name, r in results.items()])
+    table(f"2. Memory-bandwidth limit: copy benchmark {bandwidth / 1e9:.1f} GB/s (read + write); "
+          "batch-1 tokens/s x weight bytes per token",
+          ["model", "MB/token", "limit tok/s", "ours tok/s", "of limit"],
+          [(name, r["bytes"]["float32"] / 1e6, bandwidth / r["bytes"]["float32"], r["single"]["ours"],
+            f"{r['single']['ours'] * r['bytes']['float32'] / bandwidth:.0%}") for name, r in results.items()])
+    table(f"3. Concurrent conversations: prompts of mixed lengths, arriving one every {args.stagger:g} "
+          f"decoding step(s) of a lone stream (the gap), {args.concurrent_tokens} new tokens each, greedy",
+          ["model (gap)", "conv.", "system", "tok/s", "vs serial", "TTFT p50 s", "TTFT p95 s", "total s"],
+          [(f"{name} ({1000 * r['gap']:.1f} ms)" if n == levels[0] and kind == "ours" else "",
+            n if kind == "ours" else "", label,
+            c[kind][0], c[kind][0] / c["serial"][0], c[kind][1], c[kind][2], c[kind][3])
+           for name, r in results.items() for n, c in r["concurrency"].items()
+           for kind, label in [("ours", "our engine"), ("serial", "transformers one by one"),
+                               ("static", "transformers static batch")]])
+    variants = ["no reuse", "reuse", "reuse, chunked window"]
+    table("4. Multi-turn: time to first token (ms; median of 5 runs for the shipped model, 1 for the other) "
+          "of one conversation; prompt tokens (of them reused from the cache); last row: mean of turns 2..",
+          ["model", "turn", *(f"{v} ms" for v in variants), *(f"{v}: prompt (reused)" for v in variants[1:]),
+           "reuse / turn 1", "chunked / turn 1"],
+          [row for name, r in results.items() for row in _turn_rows(name, r["turns"], variants, args.turns)])
+    table(f"5. Precision: our engine, single stream ({args.tokens} tokens) and 16 conversations "
+          f"({args.concurrent_tokens} tokens each); bits per byte on {args.val_conversations} validation conversations",
+          ["model", "precision", "MB/token", "single tok/s", "16 conv. tok/s", "val bits/byte"],
+          [(name if i == 0 else "", p, r["bytes"][p] / 1e6, *v)
+           for name, r in results.items() for i, (p, v) in enumerate(r["precision"].items())])
+    table("6. Threads: single stream tokens/s", ["model", "threads", "our engine", "transformers", "ratio"],
+          [(name if i == 0 else "", n, ours, hf, ours / hf)
+           for name, r in results.items() for i, (n, (ours, hf)) in enumerate(r["threads"].items())])
+    table("7. Peak resident memory (MiB) of a process that loads the model and serves 32 conversations "
+          "of 64 tokens with it (engine with 32 batch rows)",
+          ["model", "peak RSS MiB"], [(name, r["rss"]) for name, r in results.items()])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Pre-allocated keys and values for the running batch: one row per sequence, each at its own length."""
+
+import torch
+from torch import Tensor
+
+from model.config import GPTConfig
+from model.gpt import KVCache
+
+
+class RowKVCache:
+    """Keys and values (n_layer, rows, nh, block_size, hs), allocated once for the engine's life.
+
+    Row b holds the sequence in batch slot b at positions 0 .. its length-1. A decoding step
+    writes each row's new key at that row's own position (no torch.cat, no reallocation);
+    attention reads the first S positions of every row and masks what lies past a row's end.
+    """
+
+    def __init__(self, config: GPTConfig, rows: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (config.n_layer, rows, config.n_head, config.block_size, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._row_ids = torch.arange(rows, device=device)  # (rows,)
+
+    @property
+    def rows(self) -> int:
+        return self.k.size(1)
+
+    def bytes_per_token(self) -> int:
+        """Memory of one position's keys and values over all layers."""
+        _, _, n_head, _, head_dim = self.k.shape
+        return 2 * self.k.size(0) * n_head * head_dim * self.k.element_size()
+
+    def write_rows(self, layer: int, pos: Tensor, k: Tensor, v: Tensor, span: int) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nh, 1, hs) of rows 0..B-1 at positions pos (B,); views (B, nh, span, hs)."""
+        B = k.size(0)
+        rows = self._row_ids[:B]
+        # advanced indices around a slice: the indexed result is (B, nh, hs), as k[:, :, 0]
+        self.k[layer][rows, :, pos] = k[:, :, 0]
+        self.v[layer][rows, :, pos] = v[:, :, 0]
+        return self.k[layer, :B, :, :span], self.v[layer, :B, :, :span]
+
+    def row(self, r: int) -> KVCache:
+        """Row r as a batch-of-one KVCache (views into this pool), for prefilling that sequence."""
+        layers = range(self.k.size(0))
+        return KVCache.over([self.k[i, r : r + 1] for i in layers], [self.v[i, r : r + 1] for i in layers])
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first length positions of row src into row dst."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def read_row(self, r: int, length: int) -> Tensor:
+        """A copy (2, n_layer, nh, length, hs) of row r's first length positions."""
+        return torch.stack((self.k[:, r, :, :length], self.v[:, r, :, :length]))
+
+    def write_row(self, r: int, kv: Tensor, length: int) -> None:
+        """Put the first length positions of kv (2, n_layer, nh, >=length, hs), from read_row, into row r."""
+        self.k[:, r, :, :length] = kv[0, :, :, :length]
+        self.v[:, r, :, :length] = kv[1, :, :, :length]
