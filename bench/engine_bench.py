@@ -66,7 +66,7 @@ class Subject:
     hf: Any  # transformers.GPT2LMHeadModel with the same weights
     prompt_lengths: tuple[int, int]  # shortest and longest prompt of the concurrency runs
     reply_tokens: int  # reply budget of the multi-turn conversation
-    repeats: int  # runs of the multi-turn conversation; each turn's median is reported
+    repeats: int  # runs of each measurement (the cheap ones); the median is reported
 
 
 @dataclass
@@ -118,10 +118,13 @@ async def concurrent(
     return list(runs), time.perf_counter() - start
 
 
-def engine_tokens_per_second(engine: InferenceEngine, prompt: list[int], n: int) -> tuple[float, list[int]]:
+def engine_tokens_per_second(
+    engine: InferenceEngine, prompt: list[int], n: int, repeats: int = 1
+) -> tuple[float, list[int]]:
+    """Median tokens/s of repeated runs (the whole request: prefill too), and the tokens."""
     asyncio.run(timed(engine, prompt, greedy(8)))  # warm-up
-    run = asyncio.run(timed(engine, prompt, greedy(n)))
-    return len(run.tokens) / run.total, run.tokens
+    runs = [asyncio.run(timed(engine, prompt, greedy(n))) for _ in range(repeats)]
+    return statistics.median(len(r.tokens) / r.total for r in runs), runs[-1].tokens
 
 
 # ---- measuring transformers ----------------------------------------------------------------
@@ -160,11 +163,14 @@ def hf_generate(hf: Any, prompts: list[list[int]], n: int, streamer: FirstToken 
     return out[:, width:].cpu()
 
 
-def hf_tokens_per_second(hf: Any, prompt: list[int], n: int) -> tuple[float, list[int]]:
+def hf_tokens_per_second(hf: Any, prompt: list[int], n: int, repeats: int = 1) -> tuple[float, list[int]]:
     hf_generate(hf, [prompt], 8)  # warm-up
-    start = time.perf_counter()
-    out = hf_generate(hf, [prompt], n)
-    return n / (time.perf_counter() - start), out[0].tolist()
+    speeds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = hf_generate(hf, [prompt], n)
+        speeds.append(n / (time.perf_counter() - start))
+    return statistics.median(speeds), out[0].tolist()
 
 
 def hf_one_after_another(hf: Any, prompts: list[list[int]], arrivals: list[float], n: int) -> tuple[list[float], float]:
@@ -190,21 +196,27 @@ def hf_static_batch(hf: Any, prompts: list[list[int]], arrivals: list[float], n:
 # ---- the sections ------------------------------------------------------------------------
 
 
-def reference_tokens_per_second(model: GPT, prompt: list[int], n: int, use_cache: bool) -> tuple[float, list[int]]:
+def reference_tokens_per_second(
+    model: GPT, prompt: list[int], n: int, use_cache: bool, repeats: int = 1
+) -> tuple[float, list[int]]:
+    """generate.generate_tokens: median tokens/s of repeated runs, and the tokens."""
+    speeds = []
     with torch.inference_mode():
         list(generate_tokens(model, prompt, greedy(4), use_cache=use_cache))  # warm-up
-        start = time.perf_counter()
-        tokens = list(generate_tokens(model, prompt, greedy(n), use_cache=use_cache))
-    return len(tokens) / (time.perf_counter() - start), tokens
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tokens = list(generate_tokens(model, prompt, greedy(n), use_cache=use_cache))
+            speeds.append(len(tokens) / (time.perf_counter() - start))
+    return statistics.median(speeds), tokens
 
 
 def single_stream(s: Subject, args: argparse.Namespace) -> dict[str, Any]:
     prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
     with engine_for(s, args) as engine:
-        ours, ours_tokens = engine_tokens_per_second(engine, prompt, args.tokens)
-    hf, hf_tokens = hf_tokens_per_second(s.hf, prompt, args.tokens)
-    cached, a = reference_tokens_per_second(s.loaded.model, prompt, args.tokens, use_cache=True)
-    uncached, b = reference_tokens_per_second(s.loaded.model, prompt, args.tokens, use_cache=False)
+        ours, ours_tokens = engine_tokens_per_second(engine, prompt, args.tokens, s.repeats)
+    hf, hf_tokens = hf_tokens_per_second(s.hf, prompt, args.tokens, s.repeats)
+    cached, a = reference_tokens_per_second(s.loaded.model, prompt, args.tokens, True, s.repeats)
+    uncached, b = reference_tokens_per_second(s.loaded.model, prompt, args.tokens, False, s.repeats)
     return dict(ours=ours, hf=hf, same_as_hf=ours_tokens == hf_tokens, cached=cached, uncached=uncached,
                 same_cache=a == b == ours_tokens)
 
@@ -238,26 +250,29 @@ def bytes_per_token(model: nn.Module) -> int:
     return total
 
 
-def concurrency(s: Subject, args: argparse.Namespace, n: int, gap: float) -> dict[str, Any]:
-    """n conversations arriving gap seconds apart: ours, transformers one by one, transformers batched."""
+def concurrency(s: Subject, args: argparse.Namespace, n: int, gap: float) -> dict[str, tuple[float, ...]]:
+    """n conversations arriving gap seconds apart: ours, transformers one by one, transformers batched.
+
+    Per system (tokens/s, time to first token p50, p95, total seconds), each the median of
+    s.repeats rounds; a round runs the three systems one after the other.
+    """
     rng = random.Random(n)
     low, high = s.prompt_lengths
     prompts = [random_prompt(s.loaded.tokenizer.vocab_size, rng.randint(low, high), rng) for _ in range(n)]
     arrivals = [i * gap for i in range(n)]
     m = args.concurrent_tokens
+    rounds: dict[str, list[tuple[float, ...]]] = {"ours": [], "serial": [], "static": []}
     with engine_for(s, args) as engine:
         asyncio.run(timed(engine, prompts[0], greedy(4)))  # warm-up
-        runs, ours_total = asyncio.run(concurrent(engine, prompts, arrivals, m))
-    hf_generate(s.hf, prompts[:1], 4)  # warm-up
-    serial_firsts, serial_total = hf_one_after_another(s.hf, prompts, arrivals, m)
-    static_firsts, static_total = hf_static_batch(s.hf, prompts, arrivals, m)
-    tokens = n * m
-    return dict(
-        ours=(tokens / ours_total, *_p50_p95([r.first for r in runs]), ours_total),
-        serial=(tokens / serial_total, *_p50_p95(serial_firsts), serial_total),
-        static=(tokens / static_total, *_p50_p95(static_firsts), static_total),
-        complete=all(len(r.tokens) == m for r in runs),
-    )
+        hf_generate(s.hf, prompts[:1], 4)
+        for _ in range(s.repeats):
+            runs, total = asyncio.run(concurrent(engine, prompts, arrivals, m))
+            assert all(len(r.tokens) == m for r in runs)
+            rounds["ours"].append((n * m / total, *_p50_p95([r.first for r in runs]), total))
+            for kind, system in (("serial", hf_one_after_another), ("static", hf_static_batch)):
+                firsts, total = system(s.hf, prompts, arrivals, m)
+                rounds[kind].append((n * m / total, *_p50_p95(firsts), total))
+    return {kind: tuple(statistics.median(column) for column in zip(*values)) for kind, values in rounds.items()}
 
 
 def multi_turn(s: Subject, args: argparse.Namespace) -> dict[str, list[tuple[float, int, int]]]:
@@ -323,14 +338,15 @@ def precisions(s: Subject, args: argparse.Namespace, val: list[list[str]] | None
         if precision == "int8" and args.device != "cpu":
             continue
         with engine_for(s, args, precision=precision) as engine:
-            single, _ = engine_tokens_per_second(engine, prompt, args.tokens)
-            runs, total = asyncio.run(concurrent(engine, prompts, [0.0] * 16, args.concurrent_tokens))
+            single, _ = engine_tokens_per_second(engine, prompt, args.tokens, s.repeats)
+            totals = [asyncio.run(concurrent(engine, prompts, [0.0] * 16, args.concurrent_tokens))[1]
+                      for _ in range(s.repeats)]
             bpb = float("nan")
             if val:
                 with torch.inference_mode():
                     bpb = score(engine.loaded.model, s.loaded.tokenizer, val, s.loaded.config.block_size,
                                 device=torch.device(args.device))["bits_per_byte"]
-        out[precision] = (single, 16 * args.concurrent_tokens / total, bpb)
+        out[precision] = (single, 16 * args.concurrent_tokens / statistics.median(totals), bpb)
     return out
 
 
@@ -341,8 +357,8 @@ def threads(s: Subject, args: argparse.Namespace) -> dict[int, tuple[float, floa
     for n in sorted({1, args.threads}):
         torch.set_num_threads(n)
         with engine_for(s, args, torch_threads=n) as engine:
-            ours, _ = engine_tokens_per_second(engine, prompt, args.tokens)
-        out[n] = (ours, hf_tokens_per_second(s.hf, prompt, args.tokens)[0])
+            ours, _ = engine_tokens_per_second(engine, prompt, args.tokens, s.repeats)
+        out[n] = (ours, hf_tokens_per_second(s.hf, prompt, args.tokens, s.repeats)[0])
     torch.set_num_threads(args.threads)
     return out
 
@@ -366,7 +382,7 @@ def subjects(args: argparse.Namespace, workdir: Path) -> list[Subject]:
     shipped, small = our_model("shipped", args), our_model("gpt2", args)
     found = []
     for name, loaded, lengths, reply, repeats in [
-        (f"shipped ({shipped.model.num_params() / 1e6:.1f}M)", shipped, (16, 128), 48, 1 if args.quick else 5),
+        (f"shipped ({shipped.model.num_params() / 1e6:.1f}M)", shipped, (16, 128), 48, 1 if args.quick else 3),
         (f"GPT-2 small size ({small.model.num_params() / 1e6:.0f}M, random)", small, (16, 160), 24, 1),
     ]:
         folder = workdir / loaded.name
@@ -506,11 +522,13 @@ def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, bandwid
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {args.device}, "
           f"{args.threads} threads; command: python bench/engine_bench.py {' '.join(sys.argv[1:])}")
-    table(f"1. Single stream: {args.tokens} new tokens, greedy, 32-token prompt (tokens/s)",
-          ["model", "our engine", "transformers", "ratio", "same tokens", "ours no cache", "cache speed-up", "same"],
+    table(f"1. Single stream: {args.tokens} new tokens, greedy, 32-token prompt (tokens/s; the KV-cache columns "
+          "are model.generate's decoder, same model)",
+          ["model", "our engine", "transformers", "ratio", "same tokens", "ours KV cache", "ours no cache",
+           "cache speed-up", "same"],
           [(name, r["single"]["ours"], r["single"]["hf"], r["single"]["ours"] / r["single"]["hf"],
-            r["single"]["same_as_hf"], r["single"]["uncached"], r["single"]["cached"] / r["single"]["uncached"],
-            r["single"]["same_cache"]) for name, r in results.items()])
+            r["single"]["same_as_hf"], r["single"]["cached"], r["single"]["uncached"],
+            r["single"]["cached"] / r["single"]["uncached"], r["single"]["same_cache"]) for name, r in results.items()])
     table(f"2. Memory-bandwidth limit: copy benchmark {bandwidth / 1e9:.1f} GB/s (read + write); "
           "batch-1 tokens/s x weight bytes per token",
           ["model", "MB/token", "limit tok/s", "ours tok/s", "of limit"],
@@ -526,8 +544,8 @@ def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, bandwid
            for kind, label in [("ours", "our engine"), ("serial", "transformers one by one"),
                                ("static", "transformers static batch")]])
     variants = ["no reuse", "reuse", "reuse, chunked window"]
-    table("4. Multi-turn: time to first token (ms; median of 5 runs for the shipped model, 1 for the other) "
-          "of one conversation; prompt tokens (of them reused from the cache); last row: mean of turns 2..",
+    table("4. Multi-turn: time to first token (ms) of one conversation; prompt tokens (of them reused from the cache); "
+          "last row: mean of turns 2..",
           ["model", "turn", *(f"{v} ms" for v in variants), *(f"{v}: prompt (reused)" for v in variants[1:]),
            "reuse / turn 1", "chunked / turn 1"],
           [row for name, r in results.items() for row in _turn_rows(name, r["turns"], variants, args.turns)])
