@@ -483,7 +483,7 @@ def main() -> None:
     parser.add_argument("--stagger", type=float, default=1.0,
                         help="gap between concurrent arrivals, in decoding steps of a lone stream of ours")
     parser.add_argument("--turns", type=int, default=20)
-    parser.add_argument("--val-conversations", type=int, default=300)
+    parser.add_argument("--val-conversations", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     parser.add_argument("--rss-probe", choices=("shipped", "gpt2"), help=argparse.SUPPRESS)
     args = parser.parse_args()
