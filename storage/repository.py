@@ -18,6 +18,7 @@ has its NUL characters removed, on SQLite too, so both backends keep the same te
 from __future__ import annotations
 
 import datetime as dt
+from typing import NamedTuple
 
 from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -34,6 +35,9 @@ from storage.models import (
     User,
     utcnow,
 )
+
+
+LAST_SEEN_RESOLUTION = dt.timedelta(minutes=1)
 
 
 def strip_nul(text: str) -> str:
@@ -76,15 +80,24 @@ async def get_or_create_user(
     """The user behind a platform account, created with its identity on first contact.
 
     Also records that the user was seen now and keeps the identity's display name
-    current (NULs removed, cut to DISPLAY_NAME_LENGTH). Race-safe: concurrent first contacts for one account, each in its own
+    current (NULs removed, cut to DISPLAY_NAME_LENGTH); last_seen_at is kept to
+    LAST_SEEN_RESOLUTION. Race-safe: concurrent first contacts for one account, each in its own
     session, all get the same single user. The caller commits.
     """
     _check_choice("platform", platform, PLATFORMS)
     # Cut to the column's length: PostgreSQL would refuse a longer name, SQLite keep it.
     display_name = strip_nul(display_name)[:DISPLAY_NAME_LENGTH]
     now = utcnow()
-    identity = await session.scalar(identity_query(platform, workspace_id, platform_user_id))
-    if identity is None:
+    # The identity and its user in one round trip: this runs for every message.
+    found = (
+        await session.execute(
+            identity_query(platform, workspace_id, platform_user_id)
+            .add_columns(User)
+            .join(User, User.id == Identity.user_id)
+            .execution_options(populate_existing=True)
+        )
+    ).first()
+    if found is None:
         identity = await _create_identity(
             session,
             platform=platform,
@@ -92,10 +105,14 @@ async def get_or_create_user(
             platform_user_id=platform_user_id,
             display_name=display_name,
         )
-    elif identity.display_name != display_name:
+        user = await session.get_one(User, identity.user_id)
+    else:
+        identity, user = found._tuple()
+    if identity.display_name != display_name:
         identity.display_name = display_name
-    user = await session.get_one(User, identity.user_id)
-    user.last_seen_at = now
+    # Recorded to the minute, so a busy user's every message does not rewrite their row.
+    if now - user.last_seen_at >= LAST_SEEN_RESOLUTION:
+        user.last_seen_at = now
     await session.flush()
     return user
 
@@ -249,15 +266,48 @@ async def update_message(
     return message
 
 
-async def recent_messages(session: AsyncSession, *, conversation_id: int, limit: int) -> list[Message]:
+class StoredTurn(NamedTuple):
+    """What a prompt needs of a stored message: plain columns, no ORM object to build per row."""
+
+    id: int
+    role: str
+    text: str
+    status: str
+
+
+async def recent_messages(session: AsyncSession, *, conversation_id: int, limit: int) -> list[StoredTurn]:
     """The newest `limit` messages of a conversation, oldest first."""
-    newest_first = await session.scalars(
-        select(Message)
+    newest_first = await session.execute(
+        select(Message.id, Message.role, Message.text, Message.status)
         .where(Message.conversation_id == conversation_id)
         .order_by(Message.id.desc())
         .limit(limit)
     )
-    return list(reversed(newest_first.all()))
+    return [StoredTurn(*row) for row in reversed(newest_first.all())]
+
+
+async def active_history(
+    session: AsyncSession, *, user_id: int, platform: str, place: str, is_dm: bool, limit: int
+) -> tuple[int, list[StoredTurn]]:
+    """The id of the user's active conversation in `place` (started if there is none) and its newest
+    `limit` messages, oldest first: one round trip in the usual case, as this runs for every message.
+    """
+    rows = (
+        await session.execute(
+            select(Conversation.id, Message.id, Message.role, Message.text, Message.status)
+            .outerjoin(Message, Message.conversation_id == Conversation.id)
+            .where(Conversation.user_id == user_id, Conversation.place == place, Conversation.active)
+            .order_by(Message.id.desc())
+            .limit(max(limit, 1))
+        )
+    ).all()
+    if not rows:
+        conversation = await get_active_conversation(
+            session, user_id=user_id, platform=platform, place=place, is_dm=is_dm
+        )
+        return conversation.id, []
+    turns = [StoredTurn(*row[1:]) for row in reversed(rows) if row[1] is not None]
+    return rows[0][0], turns if limit else []
 
 
 async def count_messages(session: AsyncSession, *, user_id: int | None = None) -> int:

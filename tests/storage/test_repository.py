@@ -11,6 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.models import DISPLAY_NAME_LENGTH, Conversation, Identity, Message, User
 from storage.repository import (
+    LAST_SEEN_RESOLUTION,
+    active_history,
     add_message,
     count_messages,
     get_active_conversation,
@@ -70,6 +72,27 @@ async def test_later_contact_returns_same_user_and_refreshes_it(
     assert again.last_seen_at >= first.last_seen_at
 
 
+
+async def test_last_seen_is_rewritten_at_most_once_a_minute(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    async with session_factory() as session:
+        user = await get_or_create_user(session, **ACCOUNT, display_name="Ann")
+        await session.commit()
+    first_seen = user.last_seen_at
+    async with session_factory() as session:
+        soon = await get_or_create_user(session, **ACCOUNT, display_name="Ann")
+        await session.commit()
+    assert soon.last_seen_at == first_seen
+
+    async with session_factory() as session:
+        stored = await session.get_one(User, user.id)
+        stored.last_seen_at = first_seen - LAST_SEEN_RESOLUTION
+        await session.commit()
+    async with session_factory() as session:
+        later = await get_or_create_user(session, **ACCOUNT, display_name="Ann")
+        await session.commit()
+    assert later.last_seen_at > first_seen
 async def test_accounts_differ_by_platform_workspace_and_user(session: AsyncSession) -> None:
     keys = [
         ("discord", "G1", "U1"),
@@ -227,6 +250,32 @@ async def test_messages_come_back_newest_last(session: AsyncSession) -> None:
     everything = await recent_messages(session, conversation_id=conversation.id, limit=100)
     assert [m.text for m in everything] == [f"m{n}" for n in range(5)]
     assert await recent_messages(session, conversation_id=conversation.id + 1, limit=3) == []
+
+
+async def test_active_history_starts_a_conversation_and_reads_only_the_active_one(session: AsyncSession) -> None:
+    user = await _new_user(session)
+    where = {"user_id": user.id, "platform": "console", "place": "console", "is_dm": True}
+    first_id, turns = await active_history(session, **where, limit=10)
+    assert turns == []
+    assert (await active_history(session, **where, limit=10))[0] == first_id  # empty, still the same one
+    for n in range(5):
+        await add_message(session, conversation_id=first_id, role="user" if n % 2 == 0 else "bot", text=f"m{n}", token_count=n)
+    await add_message(session, conversation_id=first_id, role="bot", text="m5", token_count=0, status="failed")
+    other_place = await get_active_conversation(session, **{**where, "place": "elsewhere"})
+    await add_message(session, conversation_id=other_place.id, role="user", text="not here", token_count=1)
+
+    same_id, last_three = await active_history(session, **where, limit=3)
+    assert same_id == first_id
+    assert [(t.role, t.text, t.status) for t in last_three] == [
+        ("bot", "m3", "ok"),
+        ("user", "m4", "ok"),
+        ("bot", "m5", "failed"),
+    ]
+    assert [t.text for t in (await active_history(session, **where, limit=100))[1]] == [f"m{n}" for n in range(6)]
+    assert (await active_history(session, **where, limit=0)) == (first_id, [])
+
+    new = await start_new_conversation(session, **where)
+    assert await active_history(session, **where, limit=10) == (new.id, [])
 
 
 async def test_bot_message_records_generation_and_can_be_finished(session: AsyncSession) -> None:
