@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.config import Settings, describe_error, env_example, masked
+from bot.log_setup import setup_logging
 
 log = logging.getLogger("run_bot")
 
@@ -96,10 +97,15 @@ async def migrate_only(settings: Settings) -> None:
 
 async def serve(settings: Settings, adapter_names: list[str]) -> None:
     """Build the parts in order (database, model, core, adapters) and run the adapters until they end."""
+    from prometheus_client import CollectorRegistry
+
     from bot.console_adapter import ConsoleAdapter
     from bot.discord_adapter import DiscordAdapter, DiscordSetupError
+    from bot.health import Readiness
+    from bot.http_server import HttpServer, HttpServerError
     from bot.maintenance import prune_forever
     from bot.messages import Adapter
+    from bot.metrics import Metrics
     from bot.sessions import SessionManager
     from bot.slack_adapter import SlackAdapter, SlackSetupError, slack_client
     from model.checkpoint import CheckpointError, load_model
@@ -115,8 +121,11 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
     inference = InferenceEngine(loaded, torch_threads=settings.torch_threads)
     try:
         sessions = make_session_factory(db)
+        metrics = Metrics(CollectorRegistry(), log_content=settings.log_content)
+        # One listener for /healthz, /readyz, /metrics and Slack's events; BOT_HTTP_PORT=0 turns it off.
+        http = HttpServer(settings.http_host, settings.http_port) if settings.http_port else None
         try:
-            manager = SessionManager(settings, sessions, inference)
+            manager = SessionManager(settings, sessions, inference, metrics=metrics)
         except jinja2.TemplateError as exc:
             raise UserError(f"BOT_PROMPT_TEMPLATE: the template does not load: {exc}") from exc
         adapters: list[Adapter] = [ConsoleAdapter(manager)] if "console" in adapter_names else []
@@ -127,8 +136,14 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
                 raise UserError(str(exc)) from exc
         if "slack" in adapter_names:
             try:
-                adapters.append(SlackAdapter(manager, settings, slack_client(settings)))
+                adapters.append(SlackAdapter(manager, settings, slack_client(settings, metrics), http=http))
             except SlackSetupError as exc:
+                raise UserError(str(exc)) from exc
+        if http is not None:
+            http.add_health(Readiness(db, inference, adapters), metrics.registry)
+            try:
+                await http.start()
+            except HttpServerError as exc:
                 raise UserError(str(exc)) from exc
         pruning = asyncio.create_task(prune_forever(settings, sessions))
         try:
@@ -139,6 +154,8 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
             # A token or address the admin must fix: said in one line, without a traceback.
             raise UserError(str(failed.exceptions[0])) from None
         finally:
+            if http is not None:
+                await http.stop()
             pruning.cancel()
             # A round in progress gives its connection back before the database closes; else shutdown can hang.
             await asyncio.gather(pruning, return_exceptions=True)
@@ -160,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"Invalid configuration:\n{describe_error(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings)
     if args.command == "check-config":
         if args.example:
             print(env_example(), end="")

@@ -127,7 +127,30 @@ class Settings(BaseSettings):
 
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "WARNING", description="log level: DEBUG, INFO, WARNING or ERROR"
+        "WARNING", description="log level: DEBUG, INFO, WARNING or ERROR (INFO adds one line per handled message)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or json: one JSON object per line, for a log collector"
+    )
+    log_content: bool = Field(
+        False,
+        description="put the text of messages and replies into the log lines of handled messages (true or false); "
+        "off keeps people's words out of the logs",
+    )
+
+    # HTTP server (see bot/http_server.py and README "Operating it"): health, readiness, metrics, Slack events.
+    http_host: str = Field(
+        "127.0.0.1",
+        description="address the HTTP server listens on; 127.0.0.1 keeps /metrics and the Slack endpoint on "
+        "this machine (behind a TLS proxy or tunnel), 0.0.0.0 accepts connections from elsewhere "
+        "(e.g. in a container)",
+    )
+    http_port: int = Field(
+        3000,
+        ge=0,
+        le=65535,
+        description="port of the HTTP server (/healthz, /readyz, /metrics and Slack's /slack/events), 1 to 65535; "
+        "0 = no HTTP server (Slack then needs Socket Mode)",
     )
 
     # Platform secrets, under the platforms' usual names (no BOT_ prefix).
@@ -175,14 +198,6 @@ class Settings(BaseSettings):
         validation_alias="SLACK_API_URL",
         description="Slack Web API base URL, http(s)://.../api/; empty = https://slack.com/api/ "
         "(GovSlack: https://slack-gov.com/api/)",
-    )
-    http_host: str = Field(
-        "127.0.0.1",
-        description="address the Slack HTTP endpoint listens on (HTTP mode); 127.0.0.1 behind a TLS proxy "
-        "or tunnel on this machine, 0.0.0.0 to accept connections from elsewhere (e.g. in a container)",
-    )
-    http_port: int = Field(
-        3000, ge=1, le=65535, description="port of the Slack HTTP endpoint /slack/events (HTTP mode), 1 to 65535"
     )
     slack_command: str = Field(
         "/gpt",

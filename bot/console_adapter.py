@@ -33,6 +33,10 @@ class ConsoleAdapter:
         self.stdout = stdout or sys.stdout
         self.user = user or getpass.getuser()
 
+    async def connected(self) -> bool:
+        """The terminal is there as long as the bot runs."""
+        return True
+
     @property
     def interactive(self) -> bool:
         return self.stdin.isatty() and self.stdout.isatty()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager, suppress
 from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
@@ -21,6 +22,7 @@ from bot.discord_format import split_message
 from bot.discord_stream import EMPTY_REPLY, NO_MENTIONS, MessageStream, Send
 from bot.discord_views import ConfirmButton, SettingsView, confirm_view
 from bot.messages import ErrorKind, Incoming, Reply
+from bot.metrics import Metrics
 from bot.sessions import SessionManager
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,10 @@ class DiscordAdapter:
                     "Privileged Gateway Intents on the Bot page of your application"
                 ) from exc
 
+    async def connected(self) -> bool:
+        """Signed in and receiving events: discord.py has had READY and the client is not closing."""
+        return self.client.is_ready() and not self.client.is_closed()
+
 
 class DiscordBot(discord.AutoShardedClient):
     """The discord.py client: turns messages and interactions into Incoming and shows the core's Replies.
@@ -114,6 +120,7 @@ class DiscordBot(discord.AutoShardedClient):
             allowed_mentions=NO_MENTIONS,
             shard_count=settings.discord_shard_count or None,
             shard_ids=[int(i) for i in settings.discord_shard_ids.split(",") if i] or None,
+            http_trace=rate_limit_trace(manager.metrics),
         )
         self.manager = manager
         self.settings = settings
@@ -339,6 +346,20 @@ class DiscordBot(discord.AutoShardedClient):
         stream = MessageStream(send, interval=self.edit_interval)
         async with aclosing(reply.pieces) as pieces:
             await stream.write(pieces, **extras)
+
+
+def rate_limit_trace(metrics: Metrics) -> aiohttp.TraceConfig:
+    """Counts Discord's 429 answers, which discord.py waits out and retries without telling the client."""
+
+    async def on_request_end(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        if params.response.status == 429:
+            metrics.rate_limit_hit("discord")
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    return trace
 
 
 def _where(channel: Any) -> tuple[str, str]:

@@ -61,6 +61,11 @@ class Turnstile:
     max_waiting: int
     _lines: defaultdict[Hashable, _Line] = field(default_factory=lambda: defaultdict(_Line))
 
+    @property
+    def occupied(self) -> int:
+        """Keys with a request being served or waiting (the active conversations of /metrics)."""
+        return len(self._lines)
+
     def enter(self, key: Hashable) -> Ticket | None:
         """A ticket for key, or None when max_waiting requests are already in line."""
         line = self._lines[key]

@@ -39,6 +39,7 @@ class ErrorKind(str, Enum):
     FAILED = "failed"  # generation failed
     REFUSED = "refused"  # banned, not allowed here, or over quota
     DUPLICATE = "duplicate"  # a platform retry of an event already answered: show nothing
+    UNAVAILABLE = "unavailable"  # the database is unreachable or the bot is shutting down: try again shortly
 
 
 @dataclass(frozen=True)
@@ -88,3 +89,6 @@ class Adapter(Protocol):
 
     async def run(self) -> None:
         """Serve until the platform connection ends or the task is cancelled."""
+
+    async def connected(self) -> bool:
+        """Whether messages can arrive now: the platform connection is up (for /readyz)."""

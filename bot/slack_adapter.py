@@ -17,6 +17,7 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.async_context import AsyncBoltContext
 from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry import HttpRequest, HttpResponse, RetryState
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
@@ -25,7 +26,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.config import Settings
+from bot.http_server import HttpServer, HttpServerError
 from bot.messages import ErrorKind, Incoming, Reply
+from bot.metrics import Metrics
 from bot.sessions import SessionManager
 from bot.slack_format import escape, from_slack, split_message
 from bot.slack_stream import EMPTY_REPLY, NO_PINGS, NO_PREVIEWS, MessageStream, UpdateBudget
@@ -52,14 +55,42 @@ class SlackSetupError(Exception):
     """A Slack setting the admin must fix: a token, the signing secret, the HTTP address."""
 
 
-def slack_client(settings: Settings) -> AsyncWebClient:
-    """The Web API client for SLACK_BOT_TOKEN at SLACK_API_URL; it waits and retries when Slack rate-limits it."""
+class CountedRateLimitRetryHandler(AsyncRateLimitErrorRetryHandler):
+    """slack_sdk's wait-and-retry on 429, counting every 429 Slack sends for /metrics."""
+
+    def __init__(self, metrics: Metrics, *, max_retry_count: int) -> None:
+        super().__init__(max_retry_count=max_retry_count)
+        self.metrics = metrics
+
+    async def can_retry_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        if response is not None and response.status_code == 429:
+            self.metrics.rate_limit_hit("slack")
+        return await super().can_retry_async(state=state, request=request, response=response, error=error)
+
+
+def slack_client(settings: Settings, metrics: Metrics | None = None) -> AsyncWebClient:
+    """The Web API client for SLACK_BOT_TOKEN at SLACK_API_URL; it waits and retries when Slack rate-limits it.
+
+    With metrics, each 429 is counted as bot_platform_rate_limited_total{platform="slack"}.
+    """
     if settings.slack_bot_token is None:
         raise SlackSetupError("the Slack adapter needs SLACK_BOT_TOKEN (the app's Bot User OAuth Token, xoxb-...)")
     base = {"base_url": settings.slack_api_url} if settings.slack_api_url else {}
+    rate_limits = (
+        AsyncRateLimitErrorRetryHandler(max_retry_count=2)
+        if metrics is None
+        else CountedRateLimitRetryHandler(metrics, max_retry_count=2)
+    )
     return AsyncWebClient(
         token=settings.slack_bot_token.get_secret_value(),
-        retry_handlers=[AsyncConnectionErrorRetryHandler(), AsyncRateLimitErrorRetryHandler(max_retry_count=2)],
+        retry_handlers=[AsyncConnectionErrorRetryHandler(), rate_limits],
         **base,
     )
 
@@ -81,7 +112,8 @@ class SlackAdapter:
     """Translates Slack's events and interactions into Incoming messages and shows the core's Replies in Slack.
 
     Socket Mode when SLACK_APP_TOKEN is set, else HTTP on BOT_HTTP_HOST:BOT_HTTP_PORT at
-    /slack/events with every request's signature checked against SLACK_SIGNING_SECRET.
+    /slack/events with every request's signature checked against SLACK_SIGNING_SECRET:
+    mounted on the bot's shared server when one is handed in, else on a server of its own.
     """
 
     name = "slack"
@@ -95,9 +127,15 @@ class SlackAdapter:
         update_interval: float = 1.0,
         update_budget: UpdateBudget | None = None,
         message_limit: int = 3000,
+        http: HttpServer | None = None,
     ) -> None:
         if settings.slack_app_token is None and settings.slack_signing_secret is None:
             raise SlackSetupError("Slack needs SLACK_SIGNING_SECRET (HTTP mode) or SLACK_APP_TOKEN (Socket Mode)")
+        if settings.slack_app_token is None and http is None and settings.http_port == 0:
+            raise SlackSetupError(
+                "Slack's HTTP mode needs the HTTP server, but BOT_HTTP_PORT=0; "
+                "set a port, or SLACK_APP_TOKEN for Socket Mode"
+            )
         self.manager = manager
         self.settings = settings
         self.client = client
@@ -119,7 +157,11 @@ class SlackAdapter:
         self._names: OrderedDict[str, str] = OrderedDict()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._socket: AsyncSocketModeHandler | None = None
-        self._runner: web.AppRunner | None = None
+        self._http = http
+        self._own_http: HttpServer | None = None
+        self._started = False
+        if http is not None and settings.slack_app_token is None:
+            http.add_route("POST", EVENTS_PATH, self._on_http)
 
     async def run(self) -> None:
         """Serve until cancelled."""
@@ -140,19 +182,27 @@ class SlackAdapter:
             await self._socket.connect_async()
             where = "connected over Socket Mode"
         else:
-            host, port = self.settings.http_host, self.settings.http_port
-            server = web.Application()
-            server.router.add_post(EVENTS_PATH, self._on_http)
-            self._runner = web.AppRunner(server)
-            await self._runner.setup()
-            try:
-                await web.TCPSite(self._runner, host, port).start()
-            except OSError as exc:
-                await self._runner.cleanup()
-                problem = f"cannot listen on BOT_HTTP_HOST:BOT_HTTP_PORT={host}:{port}: {exc.strerror}"
-                raise SlackSetupError(problem) from exc
-            where = f"listening on http://{host}:{port}{EVENTS_PATH}"
+            server = self._http or await self._open_own_server()
+            where = f"listening on {server.url}{EVENTS_PATH}"
+        self._started = True
         log.info("Slack: signed in as @%s in %s (%s); %s", me.get("user"), me.get("team"), me.get("team_id"), where)
+
+    async def _open_own_server(self) -> HttpServer:
+        """A server for /slack/events alone, for an adapter started without the bot's shared one."""
+        server = HttpServer(self.settings.http_host, self.settings.http_port)
+        server.add_route("POST", EVENTS_PATH, self._on_http)
+        try:
+            await server.start()
+        except HttpServerError as exc:
+            raise SlackSetupError(str(exc)) from exc
+        self._own_http = server
+        return server
+
+    async def connected(self) -> bool:
+        """Socket Mode: the socket is open and answers pings; HTTP mode: signed in and receiving."""
+        if self._socket is not None:
+            return await self._socket.client.is_connected()
+        return self._started
 
     @staticmethod
     async def _checked(setting: str, call: Awaitable[Any]) -> Any:
@@ -166,9 +216,10 @@ class SlackAdapter:
         if self._socket is not None:
             await self._socket.close_async()
             self._socket = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        self._started = False
+        if self._own_http is not None:
+            await self._own_http.stop()
+            self._own_http = None
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=SHUTDOWN_GRACE)
 

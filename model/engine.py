@@ -83,6 +83,16 @@ class InferenceEngine:
     def context_size(self) -> int:
         return self.loaded.config.block_size
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker takes requests: the model is loaded and the engine not closed (for /readyz)."""
+        return not self._closed and self._thread.is_alive()
+
+    @property
+    def waiting(self) -> int:
+        """Requests not yet given a batch row: the queue depth of /metrics."""
+        return self.stats().waiting
+
     def stats(self) -> BatchStats:
         """A snapshot of the queue, the batch, the conversation cache and the work done so far."""
         with self._wake:

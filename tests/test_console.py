@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def bot_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("BOT_") and "TOKEN" not in k and "SECRET" not in k}
-    return {**base, "BOT_MAX_REPLY_TOKENS": "12", **extra}
+    return {**base, "BOT_MAX_REPLY_TOKENS": "12", "BOT_HTTP_PORT": "0", **extra}  # no HTTP server: no port to share
 
 
 def chat(tmp_path: Path, stdin: str, **extra: str) -> subprocess.CompletedProcess[str]:

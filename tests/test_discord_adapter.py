@@ -398,6 +398,7 @@ async def test_run_bot_starts_the_discord_adapter_when_the_token_is_set(tmp_path
             DISCORD_API_BASE=discord.api_base,
             DISCORD_GATEWAY_URL=discord.gateway_url,
             BOT_MAX_REPLY_TOKENS="8",
+            BOT_HTTP_PORT="0",  # no HTTP server: no port to share with other tests
         )
         bot = await asyncio.create_subprocess_exec(
             sys.executable, str(ROOT / "run_bot.py"), cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE

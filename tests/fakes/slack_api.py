@@ -90,6 +90,7 @@ class FakeSlack:
         self._triggers: dict[str, float] = {}
         self._views: dict[str, dict[str, Any]] = {}
         self._messages: dict[tuple[str, str], str] = {}
+        self._rate_limited: list[str] = []
         self._changed = asyncio.Condition()
         self._socket: web.WebSocketResponse | None = None
         self._socket_open = asyncio.Event()
@@ -122,6 +123,10 @@ class FakeSlack:
     @property
     def api_url(self) -> str:
         return f"{self.url}/api/"
+
+    def rate_limit_next(self, method: str) -> None:
+        """Answer the next call of method with 429 Too Many Requests, as Slack does over a method's rate limit."""
+        self._rate_limited.append(method)
 
     # What the bot did
 
@@ -313,6 +318,9 @@ class FakeSlack:
         wanted = self.app_token if method == "apps.connections.open" else self.bot_token
         if token != wanted:
             return web.json_response({"ok": False, "error": "invalid_auth"})
+        if method in self._rate_limited:
+            self._rate_limited.remove(method)
+            return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": "0"})
         handler = getattr(self, "_" + method.replace(".", "_"), None)
         result = {"ok": False, "error": "unknown_method"} if handler is None else handler(args)
         await self._record(method, args, result)
