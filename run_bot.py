@@ -103,6 +103,7 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
     from bot.discord_adapter import DiscordAdapter, DiscordSetupError
     from bot.health import Readiness
     from bot.http_server import HttpServer, HttpServerError
+    from bot.lifecycle import run_adapters
     from bot.maintenance import prune_forever
     from bot.messages import Adapter
     from bot.metrics import Metrics
@@ -111,6 +112,7 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
     from model.checkpoint import CheckpointError, load_model
     from model.engine import InferenceEngine
     from storage.db import make_session_factory
+    from storage.turn_locks import TurnLocks
 
     try:
         loaded = await asyncio.to_thread(load_model, settings.model_path, settings.device)
@@ -118,6 +120,13 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
         raise UserError(f"cannot load the model in BOT_MODEL_PATH={settings.model_path}: {exc}") from exc
     log.info("model %s loaded (%s parameters)", loaded.name, f"{loaded.model.num_params():,}")
     db = await open_database(settings)
+    # PostgreSQL: processes sharing the database answer each user and place one turn at a time.
+    turn_locks = TurnLocks.for_database(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+    )
     inference = InferenceEngine(loaded, torch_threads=settings.torch_threads)
     try:
         sessions = make_session_factory(db)
@@ -125,7 +134,7 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
         # One listener for /healthz, /readyz, /metrics and Slack's events; BOT_HTTP_PORT=0 turns it off.
         http = HttpServer(settings.http_host, settings.http_port) if settings.http_port else None
         try:
-            manager = SessionManager(settings, sessions, inference, metrics=metrics)
+            manager = SessionManager(settings, sessions, inference, metrics=metrics, turn_locks=turn_locks)
         except jinja2.TemplateError as exc:
             raise UserError(f"BOT_PROMPT_TEMPLATE: the template does not load: {exc}") from exc
         adapters: list[Adapter] = [ConsoleAdapter(manager)] if "console" in adapter_names else []
@@ -147,9 +156,8 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
                 raise UserError(str(exc)) from exc
         pruning = asyncio.create_task(prune_forever(settings, sessions))
         try:
-            async with asyncio.TaskGroup() as group:
-                for adapter in adapters:
-                    group.create_task(adapter.run())
+            # Until the input ends or SIGTERM/SIGINT; replies in progress get BOT_SHUTDOWN_GRACE seconds.
+            await run_adapters(adapters, manager, grace=settings.shutdown_grace)
         except* (SlackSetupError, DiscordSetupError) as failed:
             # A token or address the admin must fix: said in one line, without a traceback.
             raise UserError(str(failed.exceptions[0])) from None
@@ -162,6 +170,7 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
             await manager.close()
     finally:
         inference.close()
+        await turn_locks.close()
         await db.dispose()
 
 

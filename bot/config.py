@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     reply_timeout: float = Field(
         60.0, gt=0, le=3600, description="seconds a reply may take before it is cancelled, above 0 up to 3600"
     )
+    shutdown_grace: float = Field(
+        20.0,
+        ge=0,
+        le=3600,
+        description="on SIGTERM or SIGINT, seconds replies in progress may take to finish before they are "
+        "cancelled, 0 to 3600",
+    )
 
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

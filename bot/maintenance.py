@@ -13,6 +13,7 @@ from bot.config import Settings
 from storage.events import prune_processed_events
 from storage.linking import prune_link_codes
 from storage.models import utcnow
+from storage.outage import is_outage, outage_reason
 from storage.repository import prune_old_messages
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,27 @@ async def prune_once(settings: Settings, sessions: async_sessionmaker[AsyncSessi
 
 
 async def prune_forever(
-    settings: Settings, sessions: async_sessionmaker[AsyncSession], *, every: float = 3600.0
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], *, every: float = 3600.0, retry: float = 5.0
 ) -> None:
-    """Run prune_once now and then every `every` seconds, until cancelled; a failed round is logged and retried."""
+    """Run prune_once now and then every `every` seconds, until cancelled.
+
+    A failed round is logged and tried again sooner: after `retry` seconds, doubling while it
+    keeps failing (the database is down, say), up to `every`.
+    """
+    failures = 0
     while True:
         try:
             pruned = await prune_once(settings, sessions, utcnow())
-            if pruned.messages or pruned.link_codes or pruned.events:
-                log.info("pruned %s", pruned)
-        except Exception:
-            log.exception("pruning failed; trying again in %.0f s", every)
+        except Exception as exc:
+            delay = min(every, retry * 2**failures)
+            failures += 1
+            if is_outage(exc):
+                log.warning("pruning: database unreachable (%s); trying again in %.0f s", outage_reason(exc), delay)
+            else:
+                log.exception("pruning failed; trying again in %.0f s", delay)
+            await asyncio.sleep(delay)
+            continue
+        failures = 0
+        if pruned.messages or pruned.link_codes or pruned.events:
+            log.info("pruned %s", pruned)
         await asyncio.sleep(every)

@@ -169,7 +169,7 @@ class SessionManager:
                 yield item  # type: ignore[misc]
                 item = await queue.get()
         finally:
-            if not task.done():
+            if item is not _END and not task.done():
                 task.cancel()
 
     async def _chat(
@@ -193,7 +193,10 @@ class SessionManager:
                 queue.put_nowait(self._unavailable(SHUTTING_DOWN))
             raise
         except Exception as exc:
-            if is_outage(exc):
+            if turn is not None:  # pieces of the reply may be out already: the reader expects text now
+                log.exception("chat turn failed while answering (conversation %s)", turn.conversation_id)
+                queue.put_nowait("\n(Sorry, something went wrong on my side. Please try again.)")
+            elif is_outage(exc):
                 log.warning("database unreachable; a message got 'try again shortly' (%s)", outage_reason(exc))
                 queue.put_nowait(self._unavailable(UNAVAILABLE))
             else:
@@ -293,6 +296,10 @@ class SessionManager:
             # A task of its own, tracked by close(): a cancelled reply is still recorded, as cancelled.
             row = (turn, reply, status, elapsed_ms, len(prompt), tokens)
             store = self._track(asyncio.create_task(self._keep_reply(turn, lambda: self._store_reply(*row))))
+            # The reply ends once stored, but its reader waits no more than a second for a database
+            # that is away; the turn (and so the place's next one) waits for the store in any case.
+            await asyncio.wait({store}, timeout=1.0)
+            queue.put_nowait(_END)
             await asyncio.shield(store)
 
     @staticmethod

@@ -181,21 +181,44 @@ class Batcher:
                 self._reused += n
 
     def _decode(self) -> None:
+        """Feed every decoding row its pending token and sample the next; a failure ends only its own request."""
         seqs = list(self.decoding)
+        outcomes: list[int | Exception]
+        try:
+            outcomes = list(self._next_tokens(seqs, self.kv))
+        except Exception:
+            # Out of memory for the whole batch, say: run the rows one at a time (less memory at
+            # once; the keys and values written so far are written again, the same), so that
+            # whatever still fails ends only the request it belongs to.
+            outcomes = [self._next_token_alone(seq) for seq in seqs]
+        self._steps += 1
+        for seq, outcome in zip(seqs, outcomes):
+            if isinstance(outcome, int):  # its pending token is in the row now
+                assert seq.pending is not None
+                seq.context.append(seq.pending)
+                seq.done += 1
+                seq.pending = None
+                self._decoded += 1
+        for seq, outcome in zip(seqs, outcomes):
+            if isinstance(outcome, int):
+                self._accept(seq, outcome)
+            else:
+                self._finish(seq, outcome)
+
+    def _next_tokens(self, seqs: list[_Sequence], kv: RowKVCache) -> list[int]:
+        """One decoding step of seqs, which sit in rows 0.. of kv: the next token of each."""
         tokens = torch.tensor([s.pending for s in seqs], device=self.device)  # (B,)
         pos = torch.tensor([s.done for s in seqs], device=self.device)  # (B,) where each token goes
-        logits = self.model.decode_rows(tokens, pos, self.kv)  # (B, vocab)
-        for s in seqs:
-            assert s.pending is not None
-            s.context.append(s.pending)
-            s.done += 1
-            s.pending = None
-        self._decoded += len(seqs)
-        self._steps += 1
-        params = [s.request.params for s in seqs]
-        chosen = sample_rows(logits, self.seen[: len(seqs)], params, [s.generator for s in seqs])
-        for seq, token in zip(seqs, chosen):
-            self._accept(seq, token)
+        logits = self.model.decode_rows(tokens, pos, kv)  # (B, vocab)
+        first = seqs[0].row
+        seen = self.seen[first : first + len(seqs)]  # (B, vocab)
+        return sample_rows(logits, seen, [s.request.params for s in seqs], [s.generator for s in seqs])
+
+    def _next_token_alone(self, seq: _Sequence) -> int | Exception:
+        try:
+            return self._next_tokens([seq], self.kv.rows_view(seq.row, 1))[0]
+        except Exception as exc:
+            return exc
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Give out a sampled token, then end seq, slide its window, or keep it for the next step."""

@@ -21,6 +21,20 @@ class RowKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self._row_ids = torch.arange(rows, device=device)  # (rows,)
 
+    @classmethod
+    def _over(cls, k: Tensor, v: Tensor) -> "RowKVCache":
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        cache._row_ids = torch.arange(k.size(1), device=k.device)
+        return cache
+
+    def rows_view(self, start: int, count: int) -> "RowKVCache":
+        """Rows start..start+count-1 as a pool of their own, for a decoding step of just those rows.
+
+        Views, not copies: what a step writes there lands in this pool.
+        """
+        return RowKVCache._over(self.k[:, start : start + count], self.v[:, start : start + count])
+
     @property
     def rows(self) -> int:
         return self.k.size(1)

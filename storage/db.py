@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, func, select
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The advisory lock id that serialises migrations (any fixed 64-bit number; turn locks are hashes).
+MIGRATION_LOCK_ID = 0x67707462_6D696772  # "gptbmigr"
+CONNECT_TIMEOUT = 10.0  # seconds
 
 _SUPPORTED = "use sqlite+aiosqlite:///path/to/bot.db or postgresql+asyncpg://user:password@host/dbname"
 
@@ -50,6 +54,9 @@ def make_engine(
             max_overflow=max_overflow,
             pool_timeout=pool_timeout,
             pool_pre_ping=True,
+            # A server that drops packets instead of refusing: give up on a connect after this
+            # long (asyncpg waits 60 s), so a turn answers "try again shortly" in good time.
+            connect_args={"timeout": CONNECT_TIMEOUT},
             echo=echo,
         )
     shown = parsed.render_as_string(hide_password=True)
@@ -120,8 +127,28 @@ async def _run_alembic(engine: AsyncEngine, fn: Callable[[Config, str], None], r
 
     # A connection with no transaction open: env.py begins and commits it, after it has
     # switched SQLite's foreign keys off (which cannot be done inside a transaction).
-    async with engine.connect() as connection:
+    async with engine.connect() as connection, _one_migrator(connection):
         await connection.run_sync(run)
+
+
+@asynccontextmanager
+async def _one_migrator(connection: AsyncConnection) -> AsyncIterator[None]:
+    """On PostgreSQL, processes starting together migrate one after another; the later ones find nothing to do.
+
+    A session-level advisory lock, taken and released in transactions of their own so that
+    alembic still gets a connection with none open.
+    """
+    if connection.dialect.name != "postgresql":
+        yield
+        return
+    await connection.execute(select(func.pg_advisory_lock(MIGRATION_LOCK_ID)))
+    await connection.commit()
+    try:
+        yield
+    finally:
+        await connection.rollback()  # whatever a failed migration left open
+        await connection.execute(select(func.pg_advisory_unlock(MIGRATION_LOCK_ID)))
+        await connection.commit()
 
 
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
