@@ -26,6 +26,7 @@ _NO_MARKERS = str.maketrans("", "", "".join(MARKERS.values()))
 class Turn:
     role: str  # "user" or "bot"
     text: str
+    id: int | None = None  # the stored message's id, where there is one
 
 
 class PromptTemplate:
@@ -83,6 +84,12 @@ def cut_end(tokenizer: ChatTokenizer, text: str, max_tokens: int) -> str:
     return tokenizer.decode(ids[: max(max_tokens, 0)]).rstrip("\ufffd") + " […]"
 
 
+@dataclass(frozen=True)
+class FittedPrompt:
+    ids: list[int]
+    first: int  # index in the history of the oldest turn kept (len(history) when none)
+
+
 def build_prompt(
     template: PromptTemplate,
     tokenizer: ChatTokenizer,
@@ -93,12 +100,19 @@ def build_prompt(
     message: str,
     context_size: int,
     reply_budget: int,
-) -> list[int]:
-    """Token ids for the model: as many recent turns as fit (newest first) around the new message.
+    keep_from: int | None = None,
+) -> FittedPrompt:
+    """Token ids for the model: recent turns (as many as fit, newest first) around the new message.
 
     The window holds context_size tokens and the reply needs reply_budget of them (at
     most half the window). The persona gets at most a quarter of the rest; the new
     message always goes in, cut at its start with a visible marker if it alone is too long.
+
+    keep_from is the previous prompt's `first` in this conversation: while the turns from
+    there on still fit, the prompt starts with them again, so it extends the previous one
+    and the engine reuses its cached keys and values instead of recomputing the whole
+    window at every turn. When they no longer fit, old turns are dropped down to half the
+    room, which leaves space for the next several turns to extend the prompt again.
     """
     # A reply longer than half the window still leaves the prompt half of it; generation slides the window.
     budget = context_size - min(reply_budget, context_size // 2)
@@ -114,16 +128,24 @@ def build_prompt(
         message = cut_start(tokenizer, message, keep)
         ids = render([], message)
 
-    remaining = budget - len(ids)
-    chosen: list[Turn] = []
-    for turn in reversed(history):
-        cost = len(tokenizer.turn(turn.role, turn.text))  # what the default template spends on a turn
-        if cost > remaining:
-            break
-        chosen.insert(0, turn)
-        remaining -= cost
-    ids = render(chosen, message)
-    while len(ids) > budget and chosen:  # a template that spends more per turn: drop the oldest
-        chosen.pop(0)
-        ids = render(chosen, message)
-    return ids
+    room = budget - len(ids)
+    costs = [len(tokenizer.turn(t.role, t.text)) for t in history]  # what the default template spends on a turn
+    first = _oldest_fitting(costs, room)
+    if keep_from is not None and first > keep_from:  # the previous start no longer fits: drop a chunk
+        first = _oldest_fitting(costs, room // 2)
+    elif keep_from is not None:
+        first = keep_from
+    ids = render(history[first:], message)
+    while len(ids) > budget and first < len(history):  # a template that spends more per turn: drop the oldest
+        first += 1
+        ids = render(history[first:], message)
+    return FittedPrompt(ids, first)
+
+
+def _oldest_fitting(costs: Sequence[int], room: int) -> int:
+    """The index of the oldest turn such that it and every later one fit in room."""
+    first = len(costs)
+    while first > 0 and costs[first - 1] <= room:
+        first -= 1
+        room -= costs[first]
+    return first

@@ -34,6 +34,7 @@ from storage.user_settings import Preferences, preferences_for
 log = logging.getLogger(__name__)
 
 _END = object()
+PROMPT_STARTS_KEPT = 10_000  # conversations whose prompt start is remembered; forgetting one costs a full prefill
 
 # A shown reply waits this long (about 30 s in all) for the database to come back to be stored.
 STORE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
@@ -84,6 +85,7 @@ class SessionManager:
         self.turnstile = Turnstile(max_waiting=settings.max_waiting_per_user)
         self.commands = CommandHandler(settings, sessions, self.access, linking or AccountLinking(settings))
         self._tasks: set[asyncio.Task[None]] = set()
+        self._prompt_starts: dict[int, int] = {}  # conversation id -> first message id in its last prompt
         self._chats: set[asyncio.Task[None]] = set()  # chat turns, which shutdown() may cancel (never their stores)
         self.turn_locks = turn_locks or TurnLocks()
         self.closing = False
@@ -234,7 +236,7 @@ class SessionManager:
             )
             preferences = await preferences_for(session, user_id=user.id, defaults=self.settings)
         # Failed and cancelled bot turns stay on record but are not shown to the model.
-        history = [Turn(m.role, m.text) for m in stored if m.role == "user" or m.status == "ok"]
+        history = [Turn(m.role, m.text, m.id) for m in stored if m.role == "user" or m.status == "ok"]
         name = preferences.display_name or msg.display_name
         return None, TurnContext(user.id, conversation_id, history, preferences, name)
 
@@ -243,8 +245,14 @@ class SessionManager:
         return min(self.settings.history_messages, self.engine.context_size // 3 + 1)
 
     def prompt(self, turn: TurnContext, text: str) -> list[int]:
-        """The model's input for a new message after the turn's history."""
-        return build_prompt(
+        """The model's input for a new message after the turn's history.
+
+        Remembers which stored turn the prompt starts with, so that the conversation's next
+        prompt starts there too while it fits (see build_prompt) and extends this one.
+        """
+        ids = [t.id for t in turn.history]
+        start = self._prompt_starts.get(turn.conversation_id)
+        fitted = build_prompt(
             self.template,
             self.engine.loaded.tokenizer,
             persona=turn.preferences.persona,
@@ -253,7 +261,15 @@ class SessionManager:
             message=text,
             context_size=self.engine.context_size,
             reply_budget=turn.preferences.max_reply_tokens,
+            keep_from=ids.index(start) if start in ids else None,
         )
+        self._prompt_starts.pop(turn.conversation_id, None)
+        first_id = ids[fitted.first] if fitted.first < len(ids) else None
+        if first_id is not None:
+            self._prompt_starts[turn.conversation_id] = first_id
+            if len(self._prompt_starts) > PROMPT_STARTS_KEPT:
+                del self._prompt_starts[next(iter(self._prompt_starts))]  # the least recently used
+        return fitted.ids
 
     async def _generate(self, turn: TurnContext, text: str, queue: asyncio.Queue[object], record: TurnRecord) -> None:
         prompt = self.prompt(turn, text)

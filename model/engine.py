@@ -65,6 +65,7 @@ class InferenceEngine:
         model = prepare(loaded.model, precision)
         self.loaded = replace(loaded, model=model)
         self.max_waiting = max_waiting
+        self.max_batch, self.cache_mb, self.prefill_chunk, self.precision = max_batch, cache_mb, prefill_chunk, precision
         self._torch_threads = torch_threads
         self._batcher = Batcher(model, max_batch=max_batch, cache_bytes=cache_mb * 2**20, prefill_chunk=prefill_chunk)
         pool = self._batcher.kv

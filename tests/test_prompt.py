@@ -21,7 +21,7 @@ def tok() -> ChatTokenizer:
 
 def prompt(tok: ChatTokenizer, history: list[Turn], message: str, *, context: int = 256, reply: int = 64, template: PromptTemplate | None = None) -> list[int]:
     return build_prompt(template or PromptTemplate(), tok, persona="I am a bot.", user_name="Ann", history=history,
-                        message=message, context_size=context, reply_budget=reply)
+                        message=message, context_size=context, reply_budget=reply).ids
 
 
 def test_long_history_fills_the_window_exactly_with_the_newest_turns(tok: ChatTokenizer) -> None:
@@ -48,7 +48,7 @@ def test_one_over_long_message_is_cut_visibly_at_its_start(tok: ChatTokenizer) -
 
 def test_over_long_persona_takes_at_most_a_quarter(tok: ChatTokenizer) -> None:
     ids = build_prompt(PromptTemplate(), tok, persona="very long persona " * 500, user_name="Ann", history=[],
-                       message="hi", context_size=256, reply_budget=64)
+                       message="hi", context_size=256, reply_budget=64).ids
     assert len(ids) <= 192 and tok.decode(ids).endswith("hi")
 
 
@@ -72,3 +72,39 @@ def test_custom_template_and_its_errors(tok: ChatTokenizer, tmp_path: Path) -> N
     typo.write_text("{{ mesage }}")
     with pytest.raises(jinja2.UndefinedError, match="mesage"):
         PromptTemplate(typo)
+
+
+def test_a_kept_start_makes_each_prompt_extend_the_last_until_a_chunk_is_dropped(tok: ChatTokenizer) -> None:
+    history: list[Turn] = []
+    keep_from, prompts, starts = None, [], []
+    for n in range(60):
+        fitted = build_prompt(PromptTemplate(), tok, persona="I am a bot.", user_name="Ann", history=history,
+                              message=f"question {n} about things", context_size=256, reply_budget=64, keep_from=keep_from)
+        assert len(fitted.ids) <= 192
+        assert tok.decode(fitted.ids).endswith(f"question {n} about things")
+        assert history[fitted.first:] == history[len(history) - (len(history) - fitted.first):]  # newest turns
+        prompts.append(fitted.ids)
+        starts.append(fitted.first)
+        keep_from = fitted.first
+        history += [Turn("user", f"question {n} about things"), Turn("bot", f"answer number {n} to it")]
+
+    extended = sum(1 for n in range(1, 60) if starts[n] == starts[n - 1] and starts[n] < 2 * n - 1)
+    chunks = [n for n in range(1, 60) if starts[n] != starts[n - 1]]
+    assert chunks, "60 turns overflow a 192-token window"
+    assert extended > 3 * len(chunks), "most prompts start where the previous one did"
+    for n in chunks:  # a dropped chunk leaves about half the room, then turns are added again
+        assert len(prompts[n]) < 0.7 * 192
+    for n in range(1, 60):  # a prompt with the same start repeats the previous prompt's turns as its prefix
+        if starts[n] == starts[n - 1]:
+            previous_turns = tok.decode(prompts[n - 1]).rsplit(f"question {n - 1}", 1)[0]
+            assert tok.decode(prompts[n]).startswith(previous_turns)
+
+
+def test_a_kept_start_changes_nothing_while_everything_fits(tok: ChatTokenizer) -> None:
+    history = [Turn("user", "hello"), Turn("bot", "hi there")]
+    fresh = build_prompt(PromptTemplate(), tok, persona="p", user_name="Ann", history=history, message="how are you",
+                         context_size=256, reply_budget=64)
+    assert fresh.first == 0
+    again = build_prompt(PromptTemplate(), tok, persona="p", user_name="Ann", history=history, message="how are you",
+                         context_size=256, reply_budget=64, keep_from=0)
+    assert again == fresh

@@ -327,3 +327,14 @@ async def test_admin_stats_ban_and_unban(make_manager: Factory) -> None:
     assert (await say(manager, msg("/settings", user="pest"))).error == ErrorKind.REFUSED
     assert "Unbanned" in (await say(manager, msg("/unban discord:pest", user="boss"))).body
     assert (await say(manager, msg("hello again", user="pest"))).error is None
+
+
+async def test_a_long_conversation_reuses_the_cached_turns_instead_of_prefilling_them(make_manager: Factory) -> None:
+    manager = make_manager(max_reply_tokens=16, persona="I am a bot.")
+    for n in range(30):
+        reply = await say(manager, msg(f"tell me something about topic number {n}, please"))
+        assert reply.error is None
+    stats = manager.engine.stats()
+    # 30 turns of about 35 tokens overflow the 256-token window a few times; between the
+    # chunks each prompt extends the previous one, so most prompt tokens come from the cache.
+    assert stats.reused_tokens > 2 * stats.prefilled_tokens
