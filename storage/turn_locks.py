@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from storage.db import make_engine
 from storage.outage import TURN_RETRY_DELAYS, is_outage, outage_reason, retrying
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,7 @@ class TurnLocks:
         """Locks for the database at url: a pool of lock connections on PostgreSQL, none on SQLite."""
         if make_url(url).get_backend_name() != "postgresql":
             return cls()
-        engine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout, pool_pre_ping=True
-        )
-        return cls(engine)
+        return cls(make_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout))
 
     @asynccontextmanager
     async def hold(self, *key: str) -> AsyncIterator[None]:

@@ -135,3 +135,25 @@ async def test_processes_starting_together_migrate_one_after_another(empty_db_ur
         for engine in engines:
             await engine.dispose()
     assert len(revisions) == 1 and None not in revisions
+
+
+async def test_a_turn_cancelled_while_waiting_for_its_lock_leaves_nothing_behind(db_url: str) -> None:
+    holder, waiter = (TurnLocks.for_database(db_url, pool_size=1, max_overflow=0, pool_timeout=5) for _ in range(2))
+    try:
+        async with holder.hold("slack", "T1", "U1", "place"):
+            waiting = asyncio.create_task(_hold_briefly(waiter))
+            await asyncio.sleep(0.3)  # it waits in pg_advisory_xact_lock
+            assert not waiting.done()
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+        async with asyncio.timeout(5):  # the lock is free, and the cancelled one's connection usable again
+            await _hold_briefly(waiter)
+            await _hold_briefly(holder)
+    finally:
+        await holder.close()
+        await waiter.close()
+
+
+async def _hold_briefly(locks: TurnLocks) -> None:
+    async with locks.hold("slack", "T1", "U1", "place"):
+        await asyncio.sleep(0)
