@@ -1,4 +1,4 @@
-"""The one entry point: run the bot, or an admin command (migrate, check-config, train, eval)."""
+"""The one entry point: run the bot, or an admin command (migrate, check-config, serve-model, train, eval)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import jinja2
 from pydantic import ValidationError
@@ -14,6 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.config import Settings, describe_error, env_example, masked
 from bot.log_setup import setup_logging
+
+if TYPE_CHECKING:
+    from model.checkpoint import LoadedModel
+    from model.engine import InferenceEngine
+    from model.remote_engine import RemoteEngine
 
 log = logging.getLogger("run_bot")
 
@@ -46,12 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="apply database migrations up to the newest schema, then exit")
     check = commands.add_parser("check-config", help="print the effective settings (secrets masked) and exit")
     check.add_argument("--example", action="store_true", help="print a .env.example with every setting instead")
+    serve_model = commands.add_parser(
+        "serve-model",
+        help="serve the model in BOT_MODEL_PATH on an OpenAI-compatible completions API, "
+        "for bots with BOT_MODEL_BACKEND=remote (see README)",
+    )
+    serve_model.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for other machines)"
+    )
+    serve_model.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
     from model.evaluate import add_eval_arguments
     from model.train import add_train_arguments
 
     add_train_arguments(commands.add_parser("train", help="train a model on dialogue corpora (see --help)"))
     add_eval_arguments(commands.add_parser("eval", help="report loss, perplexity and bits per byte of a model"))
     return parser
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
 
 
 def chosen_adapters(settings: Settings, requested: Sequence[str] | None) -> list[str]:
@@ -95,8 +118,89 @@ async def migrate_only(settings: Settings) -> None:
     await db.dispose()
 
 
+async def load_local_model(settings: Settings) -> LoadedModel:
+    """The model in BOT_MODEL_PATH, on BOT_DEVICE."""
+    from model.checkpoint import CheckpointError, load_model
+
+    try:
+        loaded = await asyncio.to_thread(load_model, settings.model_path, settings.device)
+    except CheckpointError as exc:
+        raise UserError(f"cannot load the model in BOT_MODEL_PATH={settings.model_path}: {exc}") from exc
+    log.info("model %s loaded (%s parameters)", loaded.name, f"{loaded.model.num_params():,}")
+    return loaded
+
+
+@asynccontextmanager
+async def model_engine(settings: Settings) -> AsyncIterator[InferenceEngine | RemoteEngine]:
+    """The engine BOT_MODEL_BACKEND names: ours over BOT_MODEL_PATH, or a completions server's; closed at the end."""
+    if settings.model_backend == "remote":
+        async with remote_engine(settings) as remote:
+            yield remote
+        return
+    from model.engine import InferenceEngine
+
+    engine = InferenceEngine(await load_local_model(settings), torch_threads=settings.torch_threads)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@asynccontextmanager
+async def remote_engine(settings: Settings) -> AsyncIterator[RemoteEngine]:
+    """An engine over the completions server at BOT_REMOTE_URL, once it has answered; its HTTP session ends with it."""
+    import aiohttp
+
+    from model.checkpoint import CheckpointError
+    from model.engine import EngineBusy, EngineError
+    from model.remote_engine import RemoteEngine, RemoteModel, read_tokenizer
+
+    assert settings.remote_url is not None  # Settings require it for the remote backend
+    try:
+        tokenizer, context_size = await asyncio.to_thread(read_tokenizer, settings.model_path)
+    except CheckpointError as exc:
+        raise UserError(f"cannot read the tokenizer in BOT_MODEL_PATH={settings.model_path}: {exc}") from exc
+    key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
+    async with aiohttp.ClientSession() as http:
+        try:
+            engine = await RemoteEngine.connect(
+                http,
+                RemoteModel(tokenizer, settings.remote_model, context_size),
+                base_url=settings.remote_url,
+                api_key=key,
+                max_requests=settings.remote_max_requests,
+                timeout=settings.remote_timeout,
+            )
+        except (EngineError, EngineBusy) as exc:
+            raise UserError(f"{exc}. Check BOT_REMOTE_URL, BOT_REMOTE_MODEL and BOT_REMOTE_API_KEY.") from exc
+        log.info("replies come from %s at %s", engine.loaded.name, engine.base_url)
+        try:
+            yield engine
+        finally:
+            engine.close()
+
+
+async def serve_model(settings: Settings, host: str, port: int) -> None:
+    """Serve the model in BOT_MODEL_PATH on the completions API until interrupted."""
+    from model.completions_server import completions_app, serving
+    from model.engine import InferenceEngine
+
+    loaded = await load_local_model(settings)
+    engine = InferenceEngine(loaded, torch_threads=settings.torch_threads)
+    key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
+    try:
+        try:
+            async with serving(completions_app(engine, api_key=key), host, port) as url:
+                print(f"Serving {loaded.name} at {url}/v1 (Ctrl-C stops).", flush=True)
+                await asyncio.Event().wait()
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    finally:
+        engine.close()
+
+
 async def serve(settings: Settings, adapter_names: list[str]) -> None:
-    """Build the parts in order (database, model, core, adapters) and run the adapters until they end."""
+    """Build the parts in order (model engine, database, core, adapters) and run the adapters until they end."""
     from prometheus_client import CollectorRegistry
 
     from bot.console_adapter import ConsoleAdapter
@@ -109,69 +213,61 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
     from bot.metrics import Metrics
     from bot.sessions import SessionManager
     from bot.slack_adapter import SlackAdapter, SlackSetupError, slack_client
-    from model.checkpoint import CheckpointError, load_model
-    from model.engine import InferenceEngine
     from storage.db import make_session_factory
     from storage.turn_locks import TurnLocks
 
-    try:
-        loaded = await asyncio.to_thread(load_model, settings.model_path, settings.device)
-    except CheckpointError as exc:
-        raise UserError(f"cannot load the model in BOT_MODEL_PATH={settings.model_path}: {exc}") from exc
-    log.info("model %s loaded (%s parameters)", loaded.name, f"{loaded.model.num_params():,}")
-    db = await open_database(settings)
-    # PostgreSQL: processes sharing the database answer each user and place one turn at a time.
-    turn_locks = TurnLocks.for_database(
-        settings.database_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout,
-    )
-    inference = InferenceEngine(loaded, torch_threads=settings.torch_threads)
-    try:
-        sessions = make_session_factory(db)
-        metrics = Metrics(CollectorRegistry(), log_content=settings.log_content)
-        # One listener for /healthz, /readyz, /metrics and Slack's events; BOT_HTTP_PORT=0 turns it off.
-        http = HttpServer(settings.http_host, settings.http_port) if settings.http_port else None
+    async with model_engine(settings) as inference:
+        db = await open_database(settings)
+        # PostgreSQL: processes sharing the database answer each user and place one turn at a time.
+        turn_locks = TurnLocks.for_database(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout,
+        )
         try:
-            manager = SessionManager(settings, sessions, inference, metrics=metrics, turn_locks=turn_locks)
-        except jinja2.TemplateError as exc:
-            raise UserError(f"BOT_PROMPT_TEMPLATE: the template does not load: {exc}") from exc
-        adapters: list[Adapter] = [ConsoleAdapter(manager)] if "console" in adapter_names else []
-        if "discord" in adapter_names:
+            sessions = make_session_factory(db)
+            metrics = Metrics(CollectorRegistry(), log_content=settings.log_content)
+            # One listener for /healthz, /readyz, /metrics and Slack's events; BOT_HTTP_PORT=0 turns it off.
+            http = HttpServer(settings.http_host, settings.http_port) if settings.http_port else None
             try:
-                adapters.append(DiscordAdapter(manager, settings))
-            except DiscordSetupError as exc:
-                raise UserError(str(exc)) from exc
-        if "slack" in adapter_names:
-            try:
-                adapters.append(SlackAdapter(manager, settings, slack_client(settings, metrics), http=http))
-            except SlackSetupError as exc:
-                raise UserError(str(exc)) from exc
-        if http is not None:
-            http.add_health(Readiness(db, inference, adapters), metrics.registry)
-            try:
-                await http.start()
-            except HttpServerError as exc:
-                raise UserError(str(exc)) from exc
-        pruning = asyncio.create_task(prune_forever(settings, sessions))
-        try:
-            # Until the input ends or SIGTERM/SIGINT; replies in progress get BOT_SHUTDOWN_GRACE seconds.
-            await run_adapters(adapters, manager, grace=settings.shutdown_grace)
-        except* (SlackSetupError, DiscordSetupError) as failed:
-            # A token or address the admin must fix: said in one line, without a traceback.
-            raise UserError(str(failed.exceptions[0])) from None
-        finally:
+                manager = SessionManager(settings, sessions, inference, metrics=metrics, turn_locks=turn_locks)
+            except jinja2.TemplateError as exc:
+                raise UserError(f"BOT_PROMPT_TEMPLATE: the template does not load: {exc}") from exc
+            adapters: list[Adapter] = [ConsoleAdapter(manager)] if "console" in adapter_names else []
+            if "discord" in adapter_names:
+                try:
+                    adapters.append(DiscordAdapter(manager, settings))
+                except DiscordSetupError as exc:
+                    raise UserError(str(exc)) from exc
+            if "slack" in adapter_names:
+                try:
+                    adapters.append(SlackAdapter(manager, settings, slack_client(settings, metrics), http=http))
+                except SlackSetupError as exc:
+                    raise UserError(str(exc)) from exc
             if http is not None:
-                await http.stop()
-            pruning.cancel()
-            # A round in progress gives its connection back before the database closes; else shutdown can hang.
-            await asyncio.gather(pruning, return_exceptions=True)
-            await manager.close()
-    finally:
-        inference.close()
-        await turn_locks.close()
-        await db.dispose()
+                http.add_health(Readiness(db, inference, adapters), metrics.registry)
+                try:
+                    await http.start()
+                except HttpServerError as exc:
+                    raise UserError(str(exc)) from exc
+            pruning = asyncio.create_task(prune_forever(settings, sessions))
+            try:
+                # Until the input ends or SIGTERM/SIGINT; replies in progress get BOT_SHUTDOWN_GRACE seconds.
+                await run_adapters(adapters, manager, grace=settings.shutdown_grace)
+            except* (SlackSetupError, DiscordSetupError) as failed:
+                # A token or address the admin must fix: said in one line, without a traceback.
+                raise UserError(str(failed.exceptions[0])) from None
+            finally:
+                if http is not None:
+                    await http.stop()
+                pruning.cancel()
+                # A round in progress gives its connection back before the database closes; else shutdown can hang.
+                await asyncio.gather(pruning, return_exceptions=True)
+                await manager.close()
+        finally:
+            await turn_locks.close()
+            await db.dispose()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -198,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             asyncio.run(migrate_only(settings))
             print("Database is at the newest schema.")
+        elif args.command == "serve-model":
+            asyncio.run(serve_model(settings, args.host, args.port))
         else:
             asyncio.run(serve(settings, chosen_adapters(settings, args.adapter)))
     except UserError as exc:

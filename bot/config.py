@@ -28,6 +28,8 @@ PLATFORM_ENV_NAMES = {
     "discord_gateway_url": "DISCORD_GATEWAY_URL",
 }
 FIELDS_BY_ENV_NAME = {name: field for field, name in PLATFORM_ENV_NAMES.items()}
+# Never shown, in check-config or error messages: the platform secrets and the inference server's key.
+SECRET_FIELDS = frozenset({*SECRET_ENV_NAMES, "remote_api_key"})
 
 
 class Settings(BaseSettings):
@@ -58,6 +60,36 @@ class Settings(BaseSettings):
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs: cpu or cuda")
     torch_threads: int = Field(0, ge=0, le=256, description="torch CPU threads, 0 = torch's default")
+    # Model backend (see README "Sharing one inference server")
+    model_backend: Literal["local", "remote"] = Field(
+        "local",
+        description="who generates replies: local (our engine in this process) or remote (an OpenAI-compatible "
+        "completions server at BOT_REMOTE_URL; BOT_MODEL_PATH then only gives the tokenizer)",
+    )
+    remote_url: str | None = Field(
+        None,
+        description="base URL of the completions server, http(s)://host:port (requests go to .../v1/completions); "
+        "needed when BOT_MODEL_BACKEND=remote",
+    )
+    remote_model: str = Field("", description="model name sent to the completions server; empty = the first it lists")
+    remote_api_key: SecretStr | None = Field(
+        None,
+        description="API key sent to the completions server as a Bearer token; serve-model requires it when set; "
+        "empty = none",
+    )
+    remote_max_requests: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="requests this process may have in flight at the completions server (more are answered busy), "
+        "1 to 10000",
+    )
+    remote_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="seconds to wait for the completions server to connect or send the next piece, above 0 up to 3600",
+    )
 
     # Replies
     persona: str = Field(
@@ -228,6 +260,18 @@ class Settings(BaseSettings):
             raise ValueError("no such folder")
         return value
 
+    @field_validator("remote_url")
+    @classmethod
+    def _remote_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            if info.data.get("model_backend") == "remote":
+                raise ValueError("needed when BOT_MODEL_BACKEND=remote")
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must start with https:// or http://")
+        # OpenAI clients take the base with /v1; ours adds /v1 itself, so both forms work.
+        return value.rstrip("/").removesuffix("/v1")
+
     @field_validator("persona")
     @classmethod
     def _printable(cls, value: str) -> str:
@@ -263,7 +307,7 @@ class Settings(BaseSettings):
         parse_rate(value)
         return value
 
-    @field_validator("slack_api_url", mode="before")
+    @field_validator("slack_api_url", "remote_url", mode="before")
     @classmethod
     def _blank_is_default_url(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -326,7 +370,9 @@ class Settings(BaseSettings):
             raise ValueError("must start with wss:// or ws://")
         return value
 
-    @field_validator("discord_token", "slack_bot_token", "slack_signing_secret", "slack_app_token", mode="before")
+    @field_validator(
+        "discord_token", "slack_bot_token", "slack_signing_secret", "slack_app_token", "remote_api_key", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -356,7 +402,7 @@ def describe_error(error: ValidationError) -> str:
         field = FIELDS_BY_ENV_NAME.get(field, field)  # fields read under a platform's name report that name
         name = env_name(field) if field in Settings.model_fields else field.upper()
         info = Settings.model_fields.get(field)
-        value = "(hidden)" if field in SECRET_ENV_NAMES else repr(item.get("input"))
+        value = "(hidden)" if field in SECRET_FIELDS else repr(item.get("input"))
         problem = item["msg"].removeprefix("Value error, ")
         expected = f"; expected {info.description}" if info and info.description else ""
         lines.append(f"{name}={value}: {problem}{expected}")
@@ -368,7 +414,7 @@ def masked(settings: Settings) -> dict[str, str]:
     shown = {}
     for field in Settings.model_fields:
         value = getattr(settings, field)
-        if field in SECRET_ENV_NAMES:
+        if field in SECRET_FIELDS:
             shown[env_name(field)] = "********" if value is not None else "(not set)"
         else:
             shown[env_name(field)] = str(value)
