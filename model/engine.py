@@ -171,18 +171,26 @@ class InferenceEngine:
                     if self._closed:
                         break
                     arrivals, self._inbox = self._inbox, []
-                    for request in arrivals:
-                        self._batcher.add(request)
+                    refused = self._add_all(arrivals)
                 try:
                     events = self._batcher.step()
                 except Exception as exc:  # a batched step failed: every running request gets the cause
                     events = self._batcher.fail_all(exc)
-                _deliver(events)
+                _deliver(refused + events)
         with self._wake:
             leftovers, self._inbox = self._inbox, []
-            for request in leftovers:
+            refused = self._add_all(leftovers)
+            _deliver(refused + self._batcher.fail_all(EngineError("the inference engine was closed")))
+
+    def _add_all(self, requests: list[_Submitted]) -> list[Event]:
+        """Hand requests to the batcher; one it cannot take ends with the cause, never the worker."""
+        refused: list[Event] = []
+        for request in requests:
+            try:
                 self._batcher.add(request)
-            _deliver(self._batcher.fail_all(EngineError("the inference engine was closed")))
+            except Exception as exc:
+                refused.append((request, exc))
+        return refused
 
 
 def _deliver(events: list[Event]) -> None:

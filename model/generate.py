@@ -9,6 +9,8 @@ from torch import Tensor
 from model.gpt import GPT, KVCache
 from model.tokenizer import ChatTokenizer
 
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed raises beyond 64 bits, inside whatever thread samples
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -34,6 +36,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if any(s == "" for s in self.stop_strings):
             raise ValueError("stop_strings must not contain the empty string")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
 
 
 def apply_repetition_penalty(logits: Tensor, ids: Sequence[int], penalty: float) -> Tensor:

@@ -107,3 +107,26 @@ async def test_requests_that_break_the_model_fail_alone_and_the_rest_of_the_batc
     assert isinstance(poison_error, EngineError) and isinstance(poison_error.__cause__, torch.OutOfMemoryError)
     assert isinstance(vocab_error, ValueError)
     assert after == (first, None), "the engine goes on serving"
+
+
+async def test_a_request_the_batcher_cannot_take_fails_alone_and_the_engine_goes_on(
+    make_model: Callable[..., GPT], chat_tokenizer: ChatTokenizer
+) -> None:
+    reference, loaded = fragile(make_model, chat_tokenizer)
+    # A seed past SamplingParams' check (a caller's bug): torch.Generator.manual_seed raises on it.
+    bad_seed = replace(GREEDY, seed=1)
+    object.__setattr__(bad_seed, "seed", 2**64)
+    healthy = (prompt(5, 1), GREEDY)
+    engine = InferenceEngine(loaded)
+    try:
+        async with asyncio.timeout(30):  # a dead worker would leave every request waiting for ever
+            (bad_tokens, bad_error), (first, error) = await asyncio.gather(
+                outcome(engine, prompt(7, 2), bad_seed, 0), outcome(engine, *healthy, 0.002)
+            )
+            after = await outcome(engine, *healthy, 0)
+        running = engine.running
+    finally:
+        engine.close()
+    assert bad_tokens == [] and isinstance(bad_error, EngineError) and bad_error.__cause__ is not None
+    assert (first, error) == (list(generate_tokens(reference, *healthy)), None)
+    assert after == (first, None) and running, "the engine goes on serving"

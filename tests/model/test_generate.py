@@ -24,7 +24,8 @@ def gpt2_vocab_model(make_model):
 
 def test_sampling_params_are_validated() -> None:
     for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5),
-                dict(repetition_penalty=0), dict(max_new_tokens=-1), dict(stop_strings=("",))):
+                dict(repetition_penalty=0), dict(max_new_tokens=-1), dict(stop_strings=("",)),
+                dict(seed=-1), dict(seed=2**64)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
