@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from pydantic import ValidationError
@@ -89,6 +89,18 @@ def chosen_adapters(settings: Settings, requested: Sequence[str] | None) -> list
     return configured or ["console"]
 
 
+def engine_options(settings: Settings) -> dict[str, Any]:
+    """The inference engine's keyword arguments from the settings."""
+    return {
+        "torch_threads": settings.torch_threads,
+        "precision": settings.precision,
+        "max_batch": settings.max_batch,
+        "max_waiting": settings.max_queued,
+        "cache_mb": settings.kv_cache_mb,
+        "prefill_chunk": settings.prefill_chunk,
+    }
+
+
 async def open_database(settings: Settings) -> AsyncEngine:
     """The database engine, migrated to the newest schema."""
     from sqlalchemy.exc import DBAPIError
@@ -139,7 +151,7 @@ async def model_engine(settings: Settings) -> AsyncIterator[InferenceEngine | Re
         return
     from model.engine import InferenceEngine
 
-    engine = InferenceEngine(await load_local_model(settings), torch_threads=settings.torch_threads)
+    engine = InferenceEngine(await load_local_model(settings), **engine_options(settings))
     try:
         yield engine
     finally:
@@ -186,7 +198,7 @@ async def serve_model(settings: Settings, host: str, port: int) -> None:
     from model.engine import InferenceEngine
 
     loaded = await load_local_model(settings)
-    engine = InferenceEngine(loaded, torch_threads=settings.torch_threads)
+    engine = InferenceEngine(loaded, **engine_options(settings))
     key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
     try:
         try:

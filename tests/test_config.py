@@ -37,6 +37,11 @@ BAD_VALUES = [
     ("BOT_MODEL_PATH", "/nonexistent/model", "no such folder"),
     ("BOT_DEVICE", "tpu", "'cpu' or 'cuda'"),
     ("BOT_TORCH_THREADS", "-2", "greater than or equal to 0"),
+    ("BOT_PRECISION", "int4", "'float32', 'bfloat16' or 'int8'"),
+    ("BOT_MAX_BATCH", "0", "greater than or equal to 1"),
+    ("BOT_MAX_QUEUED", "-1", "greater than or equal to 0"),
+    ("BOT_KV_CACHE_MB", "lots", "valid integer"),
+    ("BOT_PREFILL_CHUNK", "0", "greater than or equal to 1"),
     ("BOT_LOG_LEVEL", "LOUD", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
     ("BOT_LOG_FORMAT", "xml", "'text' or 'json'"),
     ("BOT_LOG_CONTENT", "perhaps", "valid boolean"),
@@ -143,3 +148,26 @@ def test_check_config_prints_effective_settings_with_secrets_masked(tmp_path: Pa
     assert "DISCORD_TOKEN=********" in result.stdout
     assert "BOT_TOP_K=7" in result.stdout
     assert "SLACK_BOT_TOKEN=(not set)" in result.stdout
+
+
+def test_int8_is_refused_on_cuda_with_the_alternative(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOT_DEVICE", "cuda")
+    monkeypatch.setenv("BOT_PRECISION", "int8")
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None)
+    assert "BOT_PRECISION='int8': int8 runs on CPU only; use bfloat16 with BOT_DEVICE=cuda" in describe_error(caught.value)
+
+
+def test_engine_settings_reach_the_engine() -> None:
+    from model.checkpoint import load_model
+    from model.engine import InferenceEngine
+    from run_bot import engine_options
+
+    settings = Settings(_env_file=None, precision="int8", max_batch=3, max_queued=5, kv_cache_mb=1, prefill_chunk=32)
+    engine = InferenceEngine(load_model(settings.model_path), **engine_options(settings))
+    try:
+        assert (engine.precision, engine.max_batch, engine.max_waiting, engine.cache_mb, engine.prefill_chunk) == (
+            "int8", 3, 5, 1, 32
+        )
+    finally:
+        engine.close()
