@@ -19,7 +19,7 @@ from bot.log_setup import setup_logging
 
 if TYPE_CHECKING:
     from model.checkpoint import LoadedModel
-    from model.engine import InferenceEngine
+    from model.engine import ReplyEngine
     from model.remote_engine import RemoteEngine
 
 log = logging.getLogger("run_bot")
@@ -143,7 +143,7 @@ async def load_local_model(settings: Settings) -> LoadedModel:
 
 
 @asynccontextmanager
-async def model_engine(settings: Settings) -> AsyncIterator[InferenceEngine | RemoteEngine]:
+async def model_engine(settings: Settings) -> AsyncIterator[ReplyEngine]:
     """The engine BOT_MODEL_BACKEND names: ours over BOT_MODEL_PATH, or a completions server's; closed at the end."""
     if settings.model_backend == "remote":
         async with remote_engine(settings) as remote:
@@ -165,11 +165,11 @@ async def remote_engine(settings: Settings) -> AsyncIterator[RemoteEngine]:
 
     from model.checkpoint import CheckpointError
     from model.engine import EngineBusy, EngineError
-    from model.remote_engine import RemoteEngine, RemoteModel, read_tokenizer
+    from model.remote_engine import RemoteEngine, RemoteModel
 
     assert settings.remote_url is not None  # Settings require it for the remote backend
     try:
-        tokenizer, context_size = await asyncio.to_thread(read_tokenizer, settings.model_path)
+        model = await asyncio.to_thread(RemoteModel.from_folder, settings.model_path, settings.remote_model)
     except CheckpointError as exc:
         raise UserError(f"cannot read the tokenizer in BOT_MODEL_PATH={settings.model_path}: {exc}") from exc
     key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
@@ -177,7 +177,7 @@ async def remote_engine(settings: Settings) -> AsyncIterator[RemoteEngine]:
         try:
             engine = await RemoteEngine.connect(
                 http,
-                RemoteModel(tokenizer, settings.remote_model, context_size),
+                model,
                 base_url=settings.remote_url,
                 api_key=key,
                 max_requests=settings.remote_max_requests,

@@ -21,7 +21,7 @@ from bot.limits import RateLimiter, Ticket, Turnstile, seconds_text
 from bot.messages import ErrorKind, Incoming, Reply
 from bot.metrics import CANCELLED, OK, TIMEOUT, Metrics, TurnRecord
 from bot.prompt import PromptTemplate, Turn, build_prompt
-from model.engine import EngineBusy, InferenceEngine
+from model.engine import EngineBusy, ReplyEngine
 from model.generate import SamplingParams
 from storage import repository
 from storage.events import mark_event_processed
@@ -68,7 +68,7 @@ class SessionManager:
         self,
         settings: Settings,
         sessions: async_sessionmaker[AsyncSession],
-        engine: InferenceEngine,
+        engine: ReplyEngine,
         *,
         template: PromptTemplate | None = None,
         linking: AccountLinking | None = None,

@@ -67,25 +67,25 @@ def save_checkpoint(
 def load_model(directory: Path, device: str = "cpu") -> LoadedModel:
     """Load our format or a Hugging Face GPT-2 folder (detected from config.json), in eval mode."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint folder {directory} does not exist")
-    raw = _read_json(directory / CONFIG_FILE)
-    if raw.get("format") == FORMAT:
-        config, tokenizer, state, name = _read_ours(directory, raw)
-    elif raw.get("model_type") == "gpt2" or "n_embd" in raw:
-        config, tokenizer, state, name = _read_hf_gpt2(directory, raw)
+    raw = _read_config(directory)
+    tokenizer, config = _read_tokenizer_and_config(directory, raw)
+    if _is_ours(raw):
+        state = _read_safetensors([directory / WEIGHTS_FILE])
+        name = str(raw.get("meta", {}).get("name") or directory.resolve().name)
     else:
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE} is neither our format (\"format\": \"{FORMAT}\") "
-            "nor a Hugging Face GPT-2 config (\"model_type\": \"gpt2\")"
-        )
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{config.vocab_size} embeddings"
-        )
+        state = _read_hf_gpt2_state(directory)
+        name = str(raw.get("_name_or_path") or directory.resolve().name)
     model = _build_model(config, state, directory)
     return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, name=name, config=config)
+
+
+def load_tokenizer(directory: Path) -> tuple[ChatTokenizer, GPTConfig]:
+    """The tokenizer and model config of a folder load_model reads, without reading the weights.
+
+    For a process that only counts tokens, such as the bot whose model runs on another server.
+    """
+    directory = Path(directory)
+    return _read_tokenizer_and_config(directory, _read_config(directory))
 
 
 def export_gpt2(model: GPT, tokenizer: ChatTokenizer, directory: Path) -> None:
@@ -146,27 +146,45 @@ def export_gpt2(model: GPT, tokenizer: ChatTokenizer, directory: Path) -> None:
     )
 
 
-def _read_ours(
-    directory: Path, raw: dict[str, Any]
-) -> tuple[GPTConfig, ChatTokenizer, dict[str, Tensor], str]:
-    try:
-        config = GPTConfig.from_dict(raw["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"bad model config in {directory / CONFIG_FILE}: {e}") from e
-    try:
-        tokenizer = ChatTokenizer.load(directory)
-    except Exception as e:  # tokenizers raises plain Exception
-        raise CheckpointError(f"cannot read the tokenizer in {directory}: {e}") from e
-    state = _read_safetensors([directory / WEIGHTS_FILE])
-    name = str(raw.get("meta", {}).get("name") or directory.resolve().name)
-    return config, tokenizer, state, name
+def _read_config(directory: Path) -> dict[str, Any]:
+    """config.json of a folder in our format or the GPT-2 layout; anything else is a CheckpointError."""
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint folder {directory} does not exist")
+    raw = _read_json(directory / CONFIG_FILE)
+    if not _is_ours(raw) and raw.get("model_type") != "gpt2" and "n_embd" not in raw:
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} is neither our format (\"format\": \"{FORMAT}\") "
+            "nor a Hugging Face GPT-2 config (\"model_type\": \"gpt2\")"
+        )
+    return raw
 
 
-def _read_hf_gpt2(
-    directory: Path, raw: dict[str, Any]
-) -> tuple[GPTConfig, ChatTokenizer, dict[str, Tensor], str]:
-    config = _config_from_hf(raw, directory)
-    tokenizer = _read_hf_tokenizer(directory)
+def _is_ours(raw: dict[str, Any]) -> bool:
+    return raw.get("format") == FORMAT
+
+
+def _read_tokenizer_and_config(directory: Path, raw: dict[str, Any]) -> tuple[ChatTokenizer, GPTConfig]:
+    if _is_ours(raw):
+        try:
+            config = GPTConfig.from_dict(raw["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"bad model config in {directory / CONFIG_FILE}: {e}") from e
+        try:
+            tokenizer = ChatTokenizer.load(directory)
+        except Exception as e:  # tokenizers raises plain Exception
+            raise CheckpointError(f"cannot read the tokenizer in {directory}: {e}") from e
+    else:
+        config, tokenizer = _config_from_hf(raw, directory), _read_hf_tokenizer(directory)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{config.vocab_size} embeddings"
+        )
+    return tokenizer, config
+
+
+def _read_hf_gpt2_state(directory: Path) -> dict[str, Tensor]:
+    """The GPT-2 layout's tensors under our names, Conv1D weights transposed, the tied head left out."""
     state = {}
     for name, tensor in _read_hf_weights(directory).items():
         name = name.removeprefix("transformer.")
@@ -182,7 +200,7 @@ def _read_hf_gpt2(
             f"{directory}: lm_head.weight differs from transformer.wte.weight; "
             "only GPT-2 models with tied embeddings are supported"
         )
-    return config, tokenizer, state, str(raw.get("_name_or_path") or directory.resolve().name)
+    return state
 
 
 def _config_from_hf(raw: dict[str, Any], directory: Path) -> GPTConfig:

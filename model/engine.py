@@ -8,6 +8,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -16,6 +17,7 @@ from model.checkpoint import LoadedModel
 from model.generate import SamplingParams
 from model.inference_weights import prepare
 from model.reply_text import ReplyText
+from model.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,44 @@ class EngineBusy(Exception):
 
 class EngineError(RuntimeError):
     """The engine could not answer: it is closed, or the model failed (the cause is chained)."""
+
+
+class ModelInfo(Protocol):
+    """What the bot reads of the model behind an engine: a LoadedModel, or a remote engine's RemoteModel."""
+
+    @property
+    def tokenizer(self) -> ChatTokenizer: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+class ReplyEngine(Protocol):
+    """What the session manager and /readyz need of an engine, so the model can run here or elsewhere.
+
+    InferenceEngine and model.remote_engine.RemoteEngine both fit. stream raises EngineBusy
+    (before any text) when the engine takes no more work, and EngineError when it cannot answer.
+    """
+
+    @property
+    def loaded(self) -> ModelInfo: ...
+
+    @property
+    def context_size(self) -> int: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    def stream(
+        self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None = None
+    ) -> AsyncIterator[str]:
+        """The reply's text pieces as they come; closing the iterator early cancels the request."""
+        ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(eq=False, kw_only=True)

@@ -10,8 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from model.checkpoint import CONFIG_FILE, FORMAT, CheckpointError, _config_from_hf, _read_hf_tokenizer, _read_json
-from model.config import GPTConfig
+from model.checkpoint import load_tokenizer
 from model.engine import EngineBusy, EngineError
 from model.generate import SamplingParams
 from model.tokenizer import ChatTokenizer
@@ -29,22 +28,16 @@ class RemoteModel:
     name: str
     context_size: int
 
-
-def read_tokenizer(folder: Path) -> tuple[ChatTokenizer, int]:
-    """The tokenizer and context size of a model folder (ours or GPT-2 layout), without its weights."""
-    folder = Path(folder)
-    raw = _read_json(folder / CONFIG_FILE)
-    if raw.get("format") == FORMAT:
-        try:
-            block_size = GPTConfig.from_dict(raw["model"]).block_size
-            return ChatTokenizer.load(folder), block_size
-        except Exception as exc:  # a bad config, or tokenizers' plain Exception
-            raise CheckpointError(f"cannot read the tokenizer and config in {folder}: {exc}") from exc
-    return _read_hf_tokenizer(folder), _config_from_hf(raw, folder).block_size
+    @classmethod
+    def from_folder(cls, folder: Path, name: str) -> RemoteModel:
+        """The model whose checkpoint folder (ours or GPT-2 layout) is also here; only its tokenizer and
+        config are read. CheckpointError when the folder cannot be read."""
+        tokenizer, config = load_tokenizer(folder)
+        return cls(tokenizer, name, config.block_size)
 
 
 class RemoteEngine:
-    """Streams replies from POST {base_url}/v1/completions, in the shape model.engine.InferenceEngine has.
+    """Streams replies from POST {base_url}/v1/completions: a model.engine.ReplyEngine, as InferenceEngine is.
 
     The prompt goes as token ids counted with the model's own tokenizer, so the prompt
     budget is the same as with the local engine; the server must accept a list of ids as

@@ -21,11 +21,11 @@ from pydantic import ValidationError
 from bot.config import SHIPPED_MODEL, Settings, masked
 from bot.messages import Incoming, Reply
 from bot.sessions import SessionManager
-from model.checkpoint import LoadedModel, export_gpt2, load_model
+from model.checkpoint import LoadedModel, export_gpt2, load_model, load_tokenizer
 from model.completions_server import completions_app, serving
-from model.engine import EngineBusy, EngineError, InferenceEngine
+from model.engine import EngineBusy, EngineError, InferenceEngine, ReplyEngine
 from model.generate import SamplingParams
-from model.remote_engine import RemoteEngine, RemoteModel, read_tokenizer
+from model.remote_engine import RemoteEngine, RemoteModel
 from fakes.reciting_model import recital, reciting_model
 from storage.db import make_engine, make_session_factory
 
@@ -59,8 +59,7 @@ async def model_server(
 
 
 async def remote_for(http: aiohttp.ClientSession, url: str, **options: Any) -> RemoteEngine:
-    tokenizer, context_size = read_tokenizer(SHIPPED_MODEL)
-    return await RemoteEngine.connect(http, RemoteModel(tokenizer, "", context_size), base_url=url, **options)
+    return await RemoteEngine.connect(http, RemoteModel.from_folder(SHIPPED_MODEL, ""), base_url=url, **options)
 
 
 async def text_of(pieces: AsyncIterator[str]) -> list[str]:
@@ -86,11 +85,11 @@ async def make_manager(db_url: str) -> AsyncIterator[Callable[..., SessionManage
     db = make_engine(db_url)
     managers: list[SessionManager] = []
 
-    def build(engine: InferenceEngine | RemoteEngine) -> SessionManager:
+    def build(engine: ReplyEngine) -> SessionManager:
         settings = Settings(
             _env_file=None, database_url=db_url, max_reply_tokens=16, temperature=0.0, rate_limit="0/minute"
         )
-        managers.append(SessionManager(settings, make_session_factory(db), engine))  # type: ignore[arg-type]
+        managers.append(SessionManager(settings, make_session_factory(db), engine))
         return managers[-1]
 
     yield build
@@ -226,8 +225,7 @@ async def test_an_unreachable_server_is_reported_clearly() -> None:
     async with aiohttp.ClientSession() as http:
         with pytest.raises(EngineError, match=rf"the inference server at {url} failed: cannot connect"):
             await remote_for(http, url, timeout=5)
-        tokenizer, context_size = read_tokenizer(SHIPPED_MODEL)
-        remote = RemoteEngine(http, RemoteModel(tokenizer, "shipped", context_size), base_url=url, timeout=5)
+        remote = RemoteEngine(http, RemoteModel.from_folder(SHIPPED_MODEL, "shipped"), base_url=url, timeout=5)
         with pytest.raises(EngineError, match="cannot connect"):
             await text_of(remote.stream([1, 2, 3], GREEDY))
 
@@ -258,10 +256,11 @@ def test_the_tokenizer_comes_from_our_folder_or_its_gpt2_export(shipped: LoadedM
     export_gpt2(shipped.model, shipped.tokenizer, tmp_path)
     text = "Hi <|user|> there, naïve 🌞"
     for folder in (SHIPPED_MODEL, tmp_path):
-        tokenizer, context_size = read_tokenizer(folder)
-        assert context_size == shipped.config.block_size
+        tokenizer, config = load_tokenizer(folder)
+        assert config == shipped.config
         assert tokenizer.encode(text) == shipped.tokenizer.encode(text)
         assert tokenizer.special_ids == shipped.tokenizer.special_ids
+        assert RemoteModel.from_folder(folder, "m").context_size == shipped.config.block_size
 
 
 def test_remote_backend_needs_a_url() -> None:

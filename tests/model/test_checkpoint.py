@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, export_gpt2, load_model, save_checkpoint
+from model.checkpoint import CheckpointError, export_gpt2, load_model, load_tokenizer, save_checkpoint
 from model.generate import SamplingParams, generate_tokens
 
 transformers = pytest.importorskip("transformers")
@@ -88,6 +88,21 @@ def test_sinusoidal_model_round_trips(make_model, chat_tokenizer, tmp_path: Path
     assert loaded.name == tmp_path.name
     idx = torch.randint(0, 400, (2, 10))
     torch.testing.assert_close(loaded.model(idx)[0], original(idx)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("folder", ["ours_dir", "hf_dir", "hf_bin_dir"])
+def test_load_tokenizer_reads_what_load_model_does_without_the_weights(folder: str, request, tmp_path: Path) -> None:
+    source = request.getfixturevalue(folder)
+    loaded = load_model(source)
+    copy = tmp_path / "without_weights"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    tokenizer, config = load_tokenizer(copy)
+    assert config == loaded.config
+    text = "Hello there, naïve 🌞"
+    assert tokenizer.encode(text) == loaded.tokenizer.encode(text)
+    assert tokenizer.special_ids == loaded.tokenizer.special_ids
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_tokenizer(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("folder", ["hf_dir", "hf_bin_dir"])
@@ -196,6 +211,8 @@ def test_unknown_config_is_reported(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError, match="neither our format"):
         load_model(tmp_path)
+    with pytest.raises(CheckpointError, match="neither our format"):
+        load_tokenizer(tmp_path)
 
 
 def test_hf_settings_we_cannot_reproduce_are_reported(hf_dir: Path, tmp_path: Path) -> None:
