@@ -258,7 +258,7 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
                 except SlackSetupError as exc:
                     raise UserError(str(exc)) from exc
             if http is not None:
-                http.add_health(Readiness(db, inference, adapters), metrics.registry)
+                http.add_health(Readiness(db, manager, adapters), metrics.registry)
                 try:
                     await http.start()
                 except HttpServerError as exc:

@@ -106,7 +106,7 @@ async def serve() -> AsyncIterator[Serve]:
             core: Core, adapters: list[Adapter], *, server: HttpServer | None = None, db: AsyncEngine | None = None
         ) -> HttpServer:
             server = server or HttpServer("127.0.0.1", free_port())
-            server.add_health(Readiness(db or core.db, core.engine, adapters), core.metrics.registry)
+            server.add_health(Readiness(db or core.db, core.manager, adapters), core.metrics.registry)
             await server.start()
             stack.push_async_callback(server.stop)
             return server
@@ -193,6 +193,15 @@ async def test_readyz_is_503_with_the_reasons_when_a_part_is_not_ready(build: Bu
         assert status == 503 and "model: the inference engine is not running" in body
     finally:
         await gone.dispose()
+
+
+async def test_readyz_is_503_shutting_down_once_the_core_shuts_down(build: Build, serve: Serve) -> None:
+    core = build()
+    server = await serve(core, [quiet_console(core.manager)])
+    assert await get(server.url + "/readyz") == (200, "ready\n")
+    await core.manager.shutdown(grace=1.0)
+    assert await get(server.url + "/readyz") == (503, "shutting down\n"), "load balancers stop sending work"
+    assert await get(server.url + "/healthz") == (200, "ok\n"), "alive until it has finished"
 
 
 async def test_slack_mounts_its_events_on_the_shared_server_and_429s_are_counted(build: Build, serve: Serve) -> None:
