@@ -36,6 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bot.prompt import PromptTemplate, Turn, build_prompt  # noqa: E402
 from model.checkpoint import LoadedModel, export_gpt2, load_model  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
 from model.data import load_corpus, split_by_conversation  # noqa: E402
@@ -278,54 +279,40 @@ def concurrency(s: Subject, args: argparse.Namespace, n: int, gap: float) -> dic
 def multi_turn(s: Subject, args: argparse.Namespace) -> dict[str, list[tuple[float, int, int]]]:
     """Per variant and turn: (median time to first token, prompt tokens, reused tokens).
 
-    Variants: no reuse; reuse with the window sliding turn by turn (as bot/prompt.py keeps
-    the newest turns that fit); reuse with the window cut in chunks (see window_start).
+    Prompts come from the bot's own bot/prompt.py. Variants: no reuse; reuse with the
+    window sliding turn by turn (the newest turns that fit); reuse with the window the bot
+    keeps (its start kept while the turns fit, then dropped in a chunk: build_prompt's keep_from).
     """
     tokenizer = s.loaded.tokenizer
     params = greedy(s.reply_tokens, stop=sorted(tokenizer.special_ids))
     out = {}
     with engine_for(s, args) as engine:
         asyncio.run(timed(engine, tokenizer.encode("warm up"), greedy(4)))
-        for variant, chunked in [("no reuse", False), ("reuse", False), ("reuse, chunked window", True)]:
+        for variant, kept in [("no reuse", True), ("reuse, sliding window", False), ("reuse, bot window", True)]:
             keys = [f"{variant}-{rep}" if variant != "no reuse" else None for rep in range(s.repeats)]
-            runs = [asyncio.run(_conversation(engine, s, params, key, args.turns, chunked)) for key in keys]
+            runs = [asyncio.run(_conversation(engine, s, params, key, args.turns, kept)) for key in keys]
             out[variant] = [(statistics.median(r[t][0] for r in runs), runs[0][t][1], runs[0][t][2])
                             for t in range(args.turns)]
     return out
 
 
 async def _conversation(
-    engine: InferenceEngine, s: Subject, params: SamplingParams, key: str | None, turns: int, chunked: bool
+    engine: InferenceEngine, s: Subject, params: SamplingParams, key: str | None, turns: int, kept: bool
 ) -> list[tuple[float, int, int]]:
-    tokenizer, history, start, result = s.loaded.tokenizer, [], 0, []
+    tokenizer, template = s.loaded.tokenizer, PromptTemplate()
+    history: list[Turn] = []
+    first, result = None, []
     for i in range(turns):
         message = MESSAGES[i % len(MESSAGES)]
-        head = tokenizer.turn("system", PERSONA)
-        tail = tokenizer.turn("user", message) + tokenizer.reply_prefix()
-        room = engine.context_size - s.reply_tokens - len(head) - len(tail)
-        start = window_start([len(ids) for ids in history], room, start, chunked)
-        prompt = head + [t for ids in history[start:] for t in ids] + tail
+        fitted = build_prompt(template, tokenizer, persona=PERSONA, user_name="", history=history, message=message,
+                              context_size=engine.context_size, reply_budget=s.reply_tokens,
+                              keep_from=first if kept else None)
+        first = fitted.first
         before = engine.stats().reused_tokens
-        run = await timed(engine, prompt, params, key)
-        result.append((run.first, len(prompt), engine.stats().reused_tokens - before))
-        reply = tokenizer.decode(run.tokens).strip()
-        history += [tokenizer.turn("user", message), tokenizer.turn("bot", reply)]
+        run = await timed(engine, fitted.ids, params, key)
+        result.append((run.first, len(fitted.ids), engine.stats().reused_tokens - before))
+        history += [Turn("user", message), Turn("bot", tokenizer.decode(run.tokens).strip())]
     return result
-
-
-def window_start(costs: list[int], room: int, start: int, chunked: bool) -> int:
-    """Index of the oldest history turn that fits the prompt's room (tokens); costs per turn.
-
-    Sliding: the newest turns that fit, so the prompt's start changes every turn once full.
-    Chunked: keep the previous start while it fits; when it no longer does, drop the oldest
-    turns down to half the room, so the next turns extend the same prefix and reuse its cache.
-    """
-    if not chunked or sum(costs[start:]) > room:
-        limit = room // 2 if chunked else room
-        start = start if chunked else 0
-        while sum(costs[start:]) > limit:
-            start += 1
-    return start
 
 
 def precisions(s: Subject, args: argparse.Namespace, val: list[list[str]] | None) -> dict[str, tuple[float, float, float]]:
@@ -543,11 +530,11 @@ def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, bandwid
            for name, r in results.items() for n, c in r["concurrency"].items()
            for kind, label in [("ours", "our engine"), ("serial", "transformers one by one"),
                                ("static", "transformers static batch")]])
-    variants = ["no reuse", "reuse", "reuse, chunked window"]
+    variants = ["no reuse", "reuse, sliding window", "reuse, bot window"]
     table("4. Multi-turn: time to first token (ms) of one conversation; prompt tokens (of them reused from the cache); "
           "last row: mean of turns 2..",
           ["model", "turn", *(f"{v} ms" for v in variants), *(f"{v}: prompt (reused)" for v in variants[1:]),
-           "reuse / turn 1", "chunked / turn 1"],
+           "sliding / turn 1", "bot window / turn 1"],
           [row for name, r in results.items() for row in _turn_rows(name, r["turns"], variants, args.turns)])
     table(f"5. Precision: our engine, single stream ({args.tokens} tokens) and 16 conversations "
           f"({args.concurrent_tokens} tokens each); bits per byte on {args.val_conversations} validation conversations",

@@ -8,6 +8,7 @@ like "<|user|>" as ordinary characters, so a user cannot forge a turn.
 """
 
 import codecs
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +21,9 @@ END_TOKEN = "<|end|>"
 SPECIAL_TOKENS = [*ROLE_TOKENS.values(), END_TOKEN]
 GPT2_EOS = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+# Encodings remembered, of texts up to this long: about 8 MB at most.
+CACHED_TEXTS = 4096
+CACHED_TEXT_CHARS = 2000
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -60,6 +64,7 @@ def _bytes_of(token_bytes: list[bytes], token_id: int) -> bytes:
 class ChatTokenizer:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
+        self._encode_cached = functools.lru_cache(maxsize=CACHED_TEXTS)(lambda text: tuple(self._encode(text)))
         # text is always plain text: added tokens are never matched inside it
         self._tok.encode_special_tokens = True
         vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -85,7 +90,16 @@ class ChatTokenizer:
                 self._token_bytes[i] = bytes(byte_of[c] for c in token)
 
     def encode(self, text: str) -> list[int]:
-        """Ids of plain text; never a special id. Lone surrogates (not UTF-8) become U+FFFD."""
+        """Ids of plain text; never a special id. Lone surrogates (not UTF-8) become U+FFFD.
+
+        Short texts are remembered (least recently used forgotten): the bot encodes a
+        conversation's turns again for every prompt it builds.
+        """
+        if len(text) > CACHED_TEXT_CHARS:
+            return self._encode(text)
+        return list(self._encode_cached(text))
+
+    def _encode(self, text: str) -> list[int]:
         return self._tok.encode(_LONE_SURROGATE.sub("\ufffd", text)).ids
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -193,3 +193,14 @@ def test_streaming_equals_decoding_for_any_ids(gpt2_tokenizer, ids: list[int]) -
     decoder = gpt2_tokenizer.stream_decoder()
     streamed = "".join(decoder.push(i) for i in ids) + decoder.flush()
     assert streamed == gpt2_tokenizer.decode(ids)
+
+
+def test_remembered_encodings_are_the_same_and_cannot_be_changed_by_callers(chat_tokenizer) -> None:
+    text = "a turn the bot encodes for every prompt"
+    first = chat_tokenizer.encode(text)
+    first.append(-1)  # a caller extending its list (as prompt building does) ...
+    again = chat_tokenizer.encode(text)
+    assert -1 not in again  # ... leaves the remembered encoding alone
+    assert again == chat_tokenizer._tok.encode(text).ids
+    long_text = "word " * 1000  # longer than what is remembered: encoded afresh, the same way
+    assert chat_tokenizer.encode(long_text) == chat_tokenizer._tok.encode(long_text).ids
