@@ -100,7 +100,9 @@ def _make_sqlite_engine(url: URL, *, pool_timeout: float, echo: bool) -> AsyncEn
         # IMMEDIATE takes the write lock up front (waiting up to busy_timeout). A deferred
         # transaction that reads and then writes fails at once with "database is locked"
         # when another connection wrote in between; SQLite has one writer anyway.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Straight on the driver's connection: one hand-over to aiosqlite's thread instead of
+        # the four (cursor, execute, fetch, close) of a statement; BEGIN returns no rows.
+        connection.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
 
     return engine
 
