@@ -10,6 +10,7 @@ before each test.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import uuid
@@ -36,6 +37,40 @@ BACKENDS = [
         marks=pytest.mark.skipif(not POSTGRES_URL, reason="TEST_DATABASE_URL is not set"),
     ),
 ]
+
+# The secrets the fakes of Discord and Slack hand the bot: no log record of the whole run
+# may hold one, at any level, from our code or the platform libraries.
+TEST_SECRETS = ("test-token", "test-signing-secret")  # xoxb-/xapp-test-token contain the first
+SCANNED_LOGGERS = ("bot", "model", "storage", "run_bot", "discord", "slack_sdk", "slack_bolt", "aiohttp")
+
+
+class SecretScan(logging.Handler):
+    """Keeps every log record (message and traceback) that holds a test secret."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.format(record)
+        if any(secret in text for secret in TEST_SECRETS):
+            self.leaks.append(f"{record.name}: {text[:300]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log() -> Iterator[None]:
+    scan = SecretScan()
+    loggers = [logging.getLogger(name) for name in SCANNED_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(scan)
+        logger.setLevel(logging.DEBUG)
+    yield
+    for logger, level in zip(loggers, levels):
+        logger.removeHandler(scan)
+        logger.setLevel(level)
+    assert not scan.leaks, "secrets in the logs:\n" + "\n".join(scan.leaks)
+
 
 T = TypeVar("T")
 
