@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -29,15 +30,20 @@ class TurnLocks:
     process owns the file) hold() does nothing.
     """
 
-    def __init__(self, engine: AsyncEngine | None = None) -> None:
+    def __init__(self, engine: AsyncEngine | None = None, *, connections: int = 1) -> None:
         self.engine = engine
+        # Turns wait here, first come first served, rather than in the pool, where a turn
+        # that just ended and asks again can take a returned connection ahead of those
+        # already waiting (measured: p95 6 s instead of 1.6 s with 50 busy users).
+        self._slots = asyncio.Semaphore(connections)
 
     @classmethod
     def for_database(cls, url: str, *, pool_size: int, max_overflow: int, pool_timeout: float) -> TurnLocks:
         """Locks for the database at url: a pool of lock connections on PostgreSQL, none on SQLite."""
         if make_url(url).get_backend_name() != "postgresql":
             return cls()
-        return cls(make_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout))
+        engine = make_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout)
+        return cls(engine, connections=pool_size + max_overflow)
 
     @asynccontextmanager
     async def hold(self, *key: str) -> AsyncIterator[None]:
@@ -45,11 +51,14 @@ class TurnLocks:
         if self.engine is None:
             yield
             return
-        connection = await retrying(lambda: self._lock(lock_id(key)), delays=TURN_RETRY_DELAYS, what="taking a turn")
-        try:
-            yield
-        finally:
-            await self._release(connection)
+        async with self._slots:
+            connection = await retrying(
+                lambda: self._lock(lock_id(key)), delays=TURN_RETRY_DELAYS, what="taking a turn"
+            )
+            try:
+                yield
+            finally:
+                await self._release(connection)
 
     async def _lock(self, lock: int) -> AsyncConnection:
         assert self.engine is not None

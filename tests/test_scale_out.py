@@ -157,3 +157,29 @@ async def test_a_turn_cancelled_while_waiting_for_its_lock_leaves_nothing_behind
 async def _hold_briefly(locks: TurnLocks) -> None:
     async with locks.hold("slack", "T1", "U1", "place"):
         await asyncio.sleep(0)
+
+
+async def test_turns_of_different_people_get_the_lock_connections_first_come_first_served(db_url: str) -> None:
+    locks = TurnLocks.for_database(db_url, pool_size=1, max_overflow=1, pool_timeout=30)
+    order: list[str] = []
+
+    async def turn(name: str, again: bool = False) -> None:
+        async with locks.hold("discord", "", name, "place"):
+            order.append(name)
+            await asyncio.sleep(0.05)
+        if again:  # someone who asks again at once goes to the back of the line
+            await turn(name + " again")
+
+    try:
+        first = [asyncio.create_task(turn(name, again=True)) for name in ("a", "b")]
+        await asyncio.sleep(0.02)  # a and b hold both connections
+        waiting = []
+        for name in ("c", "d", "e"):
+            waiting.append(asyncio.create_task(turn(name)))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*first, *waiting)
+    finally:
+        await locks.close()
+    assert sorted(order[:2]) == ["a", "b"]
+    assert order[2:5] == ["c", "d", "e"]  # before a and b's second turns
+    assert sorted(order[5:]) == ["a again", "b again"]
