@@ -47,6 +47,7 @@ class TrainerConfig:
     max_seconds: float | None = None  # wall time of the loop, periodic evaluations included
     eval_every: int = 250
     seed: int = 0
+    compile: bool = False  # torch.compile the training forward/backward (slow first step, then faster)
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_seconds is None:
@@ -93,6 +94,8 @@ class Trainer:
         device: torch.device,
     ) -> None:
         self.model = model.to(device)
+        # The compiled wrapper only runs steps; weights are saved from the plain module (no key prefix).
+        self._forward: Callable[..., Any] = torch.compile(self.model) if config.compile else self.model
         self.config = config
         self.train_data = train_data
         self.evaluate = evaluate
@@ -161,7 +164,7 @@ class Trainer:
         for _ in range(c.grad_accum):
             x, y = self.train_data.sample(c.batch_size, c.block_size, self.generator)
             with autocast(self.device):
-                _, loss = self.model(x.to(self.device), y.to(self.device))
+                _, loss = self._forward(x.to(self.device), y.to(self.device))
             (loss / c.grad_accum).backward()
             total += loss.item()
         if c.grad_clip > 0:
@@ -270,6 +273,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     opt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto")
     opt.add_argument("--threads", type=positive(int), metavar="N", help="torch CPU threads (default: torch's)")
+    opt.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the training step: a minute or so to compile, then faster (1.15x on this CPU)",
+    )
 
 
 def _non_negative_int(text: str) -> int:
@@ -356,6 +363,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Trainer, _Checkpoints, list[Conv
         max_seconds=None if args.minutes is None else args.minutes * 60,
         eval_every=args.eval_every,
         seed=args.seed,
+        compile=args.compile,
     )
     checkpoints = _Checkpoints(args.out, tokenizer, {
         "data": sources,

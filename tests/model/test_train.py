@@ -189,3 +189,26 @@ def test_cuda_without_a_gpu_is_a_clear_error(corpus, tmp_path, capsys):
     argv = ["--data", str(corpus), "--out", str(tmp_path / "m"), "--steps", "5", "--device", "cuda"]
     assert run_train(train_args(*argv)) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_compiled_trainer_takes_the_same_steps_and_saves_plain_weights(tmp_path):
+    tokens = np.random.default_rng(1).integers(0, 64, 3000)
+    saved = {}
+
+    def run(compile: bool) -> Trainer:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+        trainer = Trainer(
+            model,
+            TrainerConfig(max_steps=4, batch_size=4, block_size=16, lr=1e-2, warmup_steps=1, eval_every=4, compile=compile),
+            TokenStream(tokens), evaluate=lambda m: 0.0,
+            on_best=lambda m, counters: saved.update({compile: m.state_dict()}),
+            state_path=tmp_path / f"{compile}.pt", device=torch.device("cpu"),
+        )
+        trainer.run()
+        return trainer
+
+    plain, compiled = run(False), run(True)
+    assert saved[True].keys() == saved[False].keys()  # no "_orig_mod." prefix in checkpoints
+    for name, tensor in plain.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
