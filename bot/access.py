@@ -17,10 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.accounts import Account, Ref, parse_ref, parse_refs
 from bot.config import Settings
-from bot.identity import user_for
 from bot.messages import Incoming
 from storage.bans import identities_named, set_banned
-from storage.models import User
+from storage.repository import Owner, account_owner
 from storage.usage import usage_for
 
 
@@ -98,10 +97,18 @@ class Access:
         return Decision()
 
 
-async def admitted_user(session: AsyncSession, *, access: Access, msg: Incoming) -> tuple[User, Decision]:
-    """The sender's user (created on first contact) and whether they may be answered here. The caller commits."""
-    user = await user_for(session, account=Account.of(msg), display_name=msg.display_name)
-    return user, access.check(msg, banned=user.banned)
+async def admitted_user(session: AsyncSession, *, access: Access, msg: Incoming) -> tuple[Owner, Decision]:
+    """The sender's user (created on first contact) with their settings, and whether they may be answered
+    here. The caller commits."""
+    account = Account.of(msg)
+    owner = await account_owner(
+        session,
+        platform=account.platform,
+        workspace_id=account.workspace_id,
+        platform_user_id=account.user_id,
+        display_name=msg.display_name,
+    )
+    return owner, access.check(msg, banned=owner.user.banned)
 
 
 async def set_ban(session: AsyncSession, *, access: Access, actor: Account, target: str, banned: bool) -> str:

@@ -100,10 +100,10 @@ class CommandHandler:
         if handler is None:
             return Reply.text(self._help(account), ephemeral=True)
         async with self.sessions() as session, session.begin():
-            user, decision = await admitted_user(session, access=self.access, msg=msg)
+            owner, decision = await admitted_user(session, access=self.access, msg=msg)
             if not decision.allowed:
                 return Reply.text(decision.message, ephemeral=True, error=ErrorKind.REFUSED)
-            return await handler(session, user, msg, command.args)
+            return await handler(session, owner.user, msg, command.args)
 
     def _help(self, account: Account) -> str:
         return HELP_TEXT + ("\n" + ADMIN_HELP if self.access.is_admin(account) else "")

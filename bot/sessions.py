@@ -29,7 +29,7 @@ from storage.models import utcnow
 from storage.outage import TURN_RETRY_DELAYS, is_outage, outage_reason, retrying
 from storage.turn_locks import TurnLocks
 from storage.usage import add_usage
-from storage.user_settings import Preferences, preferences_for
+from storage.user_settings import Preferences, resolve_preferences
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class SessionManager:
         async with self.sessions() as session, session.begin():
             if msg.event_id and not await mark_event_processed(session, platform=msg.platform, event_id=msg.event_id):
                 return Reply.text("", error=ErrorKind.DUPLICATE), None
-            user, decision = await admitted_user(session, access=self.access, msg=msg)
+            (user, user_settings), decision = await admitted_user(session, access=self.access, msg=msg)
             if not decision.allowed:
                 return Reply.text(decision.message, ephemeral=True, error=ErrorKind.REFUSED), None
             if self.settings.daily_token_quota:
@@ -234,7 +234,7 @@ class SessionManager:
             await repository.add_message(
                 session, conversation_id=conversation_id, role="user", text=text, token_count=tokens
             )
-            preferences = await preferences_for(session, user_id=user.id, defaults=self.settings)
+        preferences = resolve_preferences(user_settings, self.settings)
         # Failed and cancelled bot turns stay on record but are not shown to the model.
         history = [Turn(m.role, m.text, m.id) for m in stored if m.role == "user" or m.status == "ok"]
         name = preferences.display_name or msg.display_name

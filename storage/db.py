@@ -15,6 +15,9 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from storage import sqlite_driver
+from storage.sqlite_driver import OneHopConnection
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # The advisory lock id that serialises migrations (any fixed 64-bit number; turn locks are hashes).
 MIGRATION_LOCK_ID = 0x67707462_6D696772  # "gptbmigr"
@@ -80,7 +83,14 @@ def _make_sqlite_engine(url: URL, *, pool_timeout: float, echo: bool) -> AsyncEn
         # so more connections would only busy-wait for it; the pool's queue is fair instead.
         # :memory: uses a StaticPool without these knobs.
         pool_args = {"pool_size": 1, "max_overflow": 0, "pool_timeout": pool_timeout}
-    engine = create_async_engine(url, echo=echo, **pool_args)
+
+    def connect() -> OneHopConnection:
+        # The driver arguments SQLAlchemy would give aiosqlite for this URL.
+        args, kwargs = engine.sync_engine.dialect.create_connect_args(url)
+        return sqlite_driver.connect(*args, **kwargs)
+
+    # One trip to aiosqlite's thread per statement instead of four (see storage/sqlite_driver.py).
+    engine = create_async_engine(url, echo=echo, async_creator=connect, **pool_args)
     busy_timeout_ms = int(pool_timeout * 1000)
 
     @event.listens_for(engine.sync_engine, "connect")

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete
+from sqlalchemy import bindparam, delete, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import ProcessedEvent
-from storage.repository import dialect_insert
+from storage.models import ProcessedEvent, UTCDateTime, utcnow
+
+# Plain SQL that SQLite and PostgreSQL both speak. The dialects' insert().on_conflict_do_nothing()
+# builds the same statement but is never cached (SQLAlchemy compiles it anew each time, about
+# 0.3 ms), and this runs for every message.
+_MARK = text(
+    "INSERT INTO processed_events (platform, event_id, created_at) VALUES (:platform, :event_id, :created_at) "
+    "ON CONFLICT (platform, event_id) DO NOTHING RETURNING event_id"
+).bindparams(bindparam("created_at", type_=UTCDateTime()))
 
 
 async def mark_event_processed(session: AsyncSession, *, platform: str, event_id: str) -> bool:
@@ -17,12 +24,7 @@ async def mark_event_processed(session: AsyncSession, *, platform: str, event_id
     Race-safe: of concurrent sessions marking one event, exactly one gets True (on
     PostgreSQL the others wait for it to commit, then see the conflict).
     """
-    inserted = await session.scalar(
-        dialect_insert(session, ProcessedEvent)
-        .values(platform=platform, event_id=event_id)
-        .on_conflict_do_nothing(index_elements=["platform", "event_id"])
-        .returning(ProcessedEvent.event_id)
-    )
+    inserted = await session.scalar(_MARK, {"platform": platform, "event_id": event_id, "created_at": utcnow()})
     return inserted is not None
 
 

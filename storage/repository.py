@@ -33,6 +33,7 @@ from storage.models import (
     Identity,
     Message,
     User,
+    UserSettings,
     utcnow,
 )
 
@@ -69,6 +70,13 @@ def identity_query(platform: str, workspace_id: str, platform_user_id: str) -> S
     )
 
 
+class Owner(NamedTuple):
+    """A platform account's user and that user's stored preference overrides (None when never set)."""
+
+    user: User
+    settings: UserSettings | None
+
+
 async def get_or_create_user(
     session: AsyncSession,
     *,
@@ -77,7 +85,26 @@ async def get_or_create_user(
     platform_user_id: str,
     display_name: str,
 ) -> User:
-    """The user behind a platform account, created with its identity on first contact.
+    """The user behind a platform account, created with its identity on first contact (see account_owner)."""
+    owner = await account_owner(
+        session,
+        platform=platform,
+        workspace_id=workspace_id,
+        platform_user_id=platform_user_id,
+        display_name=display_name,
+    )
+    return owner.user
+
+
+async def account_owner(
+    session: AsyncSession,
+    *,
+    platform: str,
+    workspace_id: str,
+    platform_user_id: str,
+    display_name: str,
+) -> Owner:
+    """The user behind a platform account, created with its identity on first contact, and their settings.
 
     Also records that the user was seen now and keeps the identity's display name
     current (NULs removed, cut to DISPLAY_NAME_LENGTH); last_seen_at is kept to
@@ -88,12 +115,13 @@ async def get_or_create_user(
     # Cut to the column's length: PostgreSQL would refuse a longer name, SQLite keep it.
     display_name = strip_nul(display_name)[:DISPLAY_NAME_LENGTH]
     now = utcnow()
-    # The identity and its user in one round trip: this runs for every message.
+    # Identity, user and settings in one round trip: this runs for every message.
     found = (
         await session.execute(
             identity_query(platform, workspace_id, platform_user_id)
-            .add_columns(User)
+            .add_columns(User, UserSettings)
             .join(User, User.id == Identity.user_id)
+            .outerjoin(UserSettings, UserSettings.user_id == User.id)
             .execution_options(populate_existing=True)
         )
     ).first()
@@ -106,15 +134,16 @@ async def get_or_create_user(
             display_name=display_name,
         )
         user = await session.get_one(User, identity.user_id)
+        settings = await session.get(UserSettings, identity.user_id)  # another session may have won the race
     else:
-        identity, user = found._tuple()
+        identity, user, settings = found._tuple()
     if identity.display_name != display_name:
         identity.display_name = display_name
     # Recorded to the minute, so a busy user's every message does not rewrite their row.
     if now - user.last_seen_at >= LAST_SEEN_RESOLUTION:
         user.last_seen_at = now
     await session.flush()
-    return user
+    return Owner(user, settings)
 
 
 async def _create_identity(

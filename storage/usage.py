@@ -5,11 +5,21 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Date, Integer, Select, bindparam, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import Conversation, Message, Usage, User
-from storage.repository import dialect_insert
+
+# Plain SQL that SQLite and PostgreSQL both speak: the dialects' on_conflict_do_update() is
+# compiled anew every time (never cached), and this runs for every reply.
+_ADD = (
+    text(
+        "INSERT INTO usage (user_id, day, tokens) VALUES (:user_id, :day, :tokens) "
+        "ON CONFLICT (user_id, day) DO UPDATE SET tokens = usage.tokens + excluded.tokens RETURNING tokens"
+    )
+    .bindparams(bindparam("day", type_=Date()), bindparam("tokens", type_=Integer()))
+    .columns(tokens=Integer())
+)
 
 
 async def add_usage(session: AsyncSession, *, user_id: int, day: dt.date, tokens: int) -> int:
@@ -19,12 +29,7 @@ async def add_usage(session: AsyncSession, *, user_id: int, day: dt.date, tokens
     """
     if tokens < 0:
         raise ValueError(f"tokens must not be negative; got {tokens}")
-    insert = dialect_insert(session, Usage).values(user_id=user_id, day=day, tokens=tokens)
-    total = await session.scalar(
-        insert.on_conflict_do_update(
-            index_elements=["user_id", "day"], set_={"tokens": Usage.tokens + insert.excluded.tokens}
-        ).returning(Usage.tokens)
-    )
+    total = await session.scalar(_ADD, {"user_id": user_id, "day": day, "tokens": tokens})
     assert total is not None, "the upsert returns the row it wrote"
     return total
 
