@@ -37,7 +37,8 @@ class TrainerConfig:
     block_size: int = 256  # tokens per training window
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    decay: str = "cosine"  # or "linear"
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -52,6 +53,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_seconds is None:
             raise ValueError("give a step limit, a time limit or both")
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError(f"decay must be cosine or linear; got {self.decay!r}")
 
 
 def make_optimizer(model: nn.Module, config: TrainerConfig, device: torch.device) -> torch.optim.AdamW:
@@ -67,11 +70,13 @@ def make_optimizer(model: nn.Module, config: TrainerConfig, device: torch.device
 
 
 def learning_rate(config: TrainerConfig, step: int, progress: float) -> float:
-    """Linear warm-up over warmup_steps, then cosine decay over the rest of the run (progress 0..1)."""
+    """Linear warm-up over warmup_steps, then cosine or linear decay over the rest of the run (progress 0..1)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    floor, progress = config.lr * config.min_lr_ratio, min(progress, 1.0)
+    if config.decay == "linear":
+        return floor + (config.lr - floor) * (1.0 - progress)
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -263,6 +268,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--batch-size", type=positive(int), default=16, metavar="N", help="windows per micro-batch (16)")
     opt.add_argument("--grad-accum", type=positive(int), default=1, metavar="N", help="micro-batches per step (1)")
     opt.add_argument("--lr", type=positive(float), default=1e-3, metavar="F", help="peak learning rate (1e-3)")
+    opt.add_argument(
+        "--decay", choices=("cosine", "linear"), default="cosine",
+        help="learning-rate decay after the warm-up (default cosine)",
+    )
+    opt.add_argument(
+        "--min-lr-ratio", type=_unit, default=0.1, metavar="F",
+        help="the decay ends at this fraction of --lr (default 0.1; 0 decays to zero)",
+    )
     opt.add_argument("--warmup", type=_non_negative_int, default=100, metavar="N", help="warm-up steps (100)")
     opt.add_argument("--steps", type=positive(int), metavar="N", help="stop at this step (resumed steps count)")
     opt.add_argument("--minutes", type=positive(float), metavar="M", help="stop after this much training time in all")
@@ -283,6 +296,13 @@ def _non_negative_int(text: str) -> int:
     value = parse_number(int, text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _unit(text: str) -> float:
+    value = parse_number(float, text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 
@@ -358,6 +378,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Trainer, _Checkpoints, list[Conv
         block_size=block_size,
         grad_accum=args.grad_accum,
         lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        decay=args.decay,
         warmup_steps=args.warmup,
         max_steps=args.steps,
         max_seconds=None if args.minutes is None else args.minutes * 60,

@@ -35,6 +35,15 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert decay == sorted(decay, reverse=True)
 
 
+def test_linear_decay_can_end_at_zero():
+    config = TrainerConfig(lr=2.0, min_lr_ratio=0.0, decay="linear", warmup_steps=10, max_steps=110)
+    assert learning_rate(config, 9, 0.0) == pytest.approx(2.0)
+    assert learning_rate(config, 35, 0.25) == pytest.approx(1.5)
+    assert learning_rate(config, 110, 1.0) == 0.0
+    with pytest.raises(ValueError, match="decay must be"):
+        TrainerConfig(max_steps=1, decay="step")
+
+
 def test_trainer_config_needs_a_limit():
     with pytest.raises(ValueError, match="limit"):
         TrainerConfig()
@@ -175,6 +184,8 @@ def test_out_folder_in_use_needs_resume_and_resume_keeps_the_shape(corpus, tmp_p
         (["--steps", "ten"], "not a number"),
         (["--val-fraction", "1.5"], "must be in [0, 1)"),
         (["--device", "tpu"], "invalid choice"),
+        (["--min-lr-ratio", "2"], "must be in [0, 1]"),
+        (["--decay", "step"], "invalid choice"),
     ],
 )
 def test_argument_parsing_rejects_bad_values(argv, message, capsys):
