@@ -4,7 +4,7 @@ Two models side by side in one run: the shipped chat model, and a randomly initi
 GPT-2-small-sized GPT (124M) with the GPT-2 tokenizer. transformers runs GPT2LMHeadModel
 loaded from export_gpt2 of the very same weights, with the same torch threads. Usage:
 
-    python bench/engine_bench.py [--threads 2] [--device cpu] [--quick]
+    python bench/engine_bench.py [--threads 2] [--device cpu] [--models shipped,gpt2] [--quick]
 
 Tables: single stream (200 greedy tokens; with and without KV cache); the memory-bandwidth
 limit; concurrent conversations (ours vs transformers one after another vs transformers static
@@ -366,12 +366,17 @@ def our_model(which: str, args: argparse.Namespace) -> LoadedModel:
 def subjects(args: argparse.Namespace, workdir: Path) -> list[Subject]:
     from transformers import GPT2LMHeadModel
 
-    shipped, small = our_model("shipped", args), our_model("gpt2", args)
+    chosen = []
+    if "shipped" in args.models:
+        shipped = our_model("shipped", args)
+        chosen.append(
+            (f"shipped ({shipped.model.num_params() / 1e6:.1f}M)", shipped, (16, 128), 48, 1 if args.quick else 3)
+        )
+    if "gpt2" in args.models:
+        small = our_model("gpt2", args)
+        chosen.append((f"GPT-2 small size ({small.model.num_params() / 1e6:.0f}M, random)", small, (16, 160), 24, 1))
     found = []
-    for name, loaded, lengths, reply, repeats in [
-        (f"shipped ({shipped.model.num_params() / 1e6:.1f}M)", shipped, (16, 128), 48, 1 if args.quick else 3),
-        (f"GPT-2 small size ({small.model.num_params() / 1e6:.0f}M, random)", small, (16, 160), 24, 1),
-    ]:
+    for name, loaded, lengths, reply, repeats in chosen:
         folder = workdir / loaded.name
         export_gpt2(loaded.model, loaded.tokenizer, folder)
         hf = GPT2LMHeadModel.from_pretrained(folder).to(args.device).eval()
@@ -472,6 +477,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--val-conversations", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
+    parser.add_argument("--models", type=lambda text: set(text.split(",")), default={"shipped", "gpt2"},
+                        help="which models to measure: shipped, gpt2 or both (default shipped,gpt2)")
     parser.add_argument("--rss-probe", choices=("shipped", "gpt2"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_probe:
