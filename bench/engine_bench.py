@@ -462,6 +462,13 @@ def _peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
+def _model_names(text: str) -> set[str]:
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    if not names or not names <= {"shipped", "gpt2"}:
+        raise argparse.ArgumentTypeError(f"give shipped, gpt2 or shipped,gpt2; got {text!r}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "model" / "shipped")
@@ -477,7 +484,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--val-conversations", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
-    parser.add_argument("--models", type=lambda text: set(text.split(",")), default={"shipped", "gpt2"},
+    parser.add_argument("--models", type=_model_names, default={"shipped", "gpt2"},
                         help="which models to measure: shipped, gpt2 or both (default shipped,gpt2)")
     parser.add_argument("--rss-probe", choices=("shipped", "gpt2"), help=argparse.SUPPRESS)
     args = parser.parse_args()
