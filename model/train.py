@@ -20,7 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from model.config import GPTConfig
 from model.data import Conversation, TokenStream, conversation_ids, load_corpus, split_by_conversation
-from model.evaluate import DATA_HELP, autocast, format_report, parse_number, positive, resolve_device, score
+from model.evaluate import DATA_HELP, PRECISIONS, autocast, format_report, parse_number, positive, resolve_device, score
 from model.gpt import GPT
 from model.tokenizer import ChatTokenizer
 
@@ -49,12 +49,15 @@ class TrainerConfig:
     eval_every: int = 250
     seed: int = 0
     compile: bool = False  # torch.compile the training forward/backward (slow first step, then faster)
+    precision: str = "auto"  # "fp32", "bf16" (autocast; weights and optimizer stay float32) or "auto"
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_seconds is None:
             raise ValueError("give a step limit, a time limit or both")
         if self.decay not in ("cosine", "linear"):
             raise ValueError(f"decay must be cosine or linear; got {self.decay!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
 
 def make_optimizer(model: nn.Module, config: TrainerConfig, device: torch.device) -> torch.optim.AdamW:
@@ -168,7 +171,7 @@ class Trainer:
         total = 0.0
         for _ in range(c.grad_accum):
             x, y = self.train_data.sample(c.batch_size, c.block_size, self.generator)
-            with autocast(self.device):
+            with autocast(self.device, c.precision):
                 _, loss = self._forward(x.to(self.device), y.to(self.device))
             (loss / c.grad_accum).backward()
             total += loss.item()
@@ -290,6 +293,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile", action="store_true",
         help="torch.compile the training step: a minute or so to compile, then faster (1.15x for a 4.3 M model here)",
     )
+    opt.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="forward pass in bf16 autocast (weights and optimizer stay float32) or fp32; auto: bf16 on CUDA, "
+        "fp32 on CPU. A CPU with AVX512-BF16 or AMX trains about 2x faster in bf16 (1.95x for a 2.6 M model, "
+        "compiled, on this machine); elsewhere it is emulated and slower",
+    )
 
 
 def _non_negative_int(text: str) -> int:
@@ -386,6 +395,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Trainer, _Checkpoints, list[Conv
         eval_every=args.eval_every,
         seed=args.seed,
         compile=args.compile,
+        precision=args.precision,
     )
     checkpoints = _Checkpoints(args.out, tokenizer, {
         "data": sources,

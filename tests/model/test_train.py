@@ -186,6 +186,7 @@ def test_out_folder_in_use_needs_resume_and_resume_keeps_the_shape(corpus, tmp_p
         (["--device", "tpu"], "invalid choice"),
         (["--min-lr-ratio", "2"], "must be in [0, 1]"),
         (["--decay", "step"], "invalid choice"),
+        (["--precision", "fp16"], "invalid choice"),
     ],
 )
 def test_argument_parsing_rejects_bad_values(argv, message, capsys):
@@ -223,3 +224,33 @@ def test_a_compiled_trainer_takes_the_same_steps_and_saves_plain_weights(tmp_pat
     assert saved[True].keys() == saved[False].keys()  # no "_orig_mod." prefix in checkpoints
     for name, tensor in plain.model.state_dict().items():
         torch.testing.assert_close(compiled.model.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(("precision", "matmul_dtype"), [("auto", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_sets_the_forward_pass_dtype_and_weights_stay_float32(tmp_path, precision, matmul_dtype):
+    """auto keeps a CPU in float32; bf16 autocasts the matrix products, the optimizer still sees float32."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    pattern = torch.arange(8).repeat(3)
+    x, y = pattern[:16].unsqueeze(0), pattern[1:17].unsqueeze(0)
+    before = model(x, y)[1].item()
+    seen = set()
+    hook = model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    trainer = Trainer(
+        model,
+        TrainerConfig(max_steps=80, batch_size=4, block_size=16, lr=1e-2, warmup_steps=1, eval_every=80,
+                      precision=precision),
+        TokenStream(np.tile(np.arange(8), 400)), evaluate=lambda m: 0.0, on_best=lambda m, counters: None,
+        state_path=tmp_path / "state.pt", device=torch.device("cpu"),
+    )
+    trainer.run()
+    hook.remove()
+    assert seen == {matmul_dtype}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model.eval()
+    assert model(x, y)[1].item() < before / 4  # a repeating pattern is learnt in either precision
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        TrainerConfig(max_steps=1, precision="fp16")
