@@ -1,4 +1,4 @@
-"""Model speed: training tokens/s, and generation tokens/s with and without the KV cache.
+"""Model speed: training tokens/s (float32 and bf16 autocast), and generation tokens/s with and without the KV cache.
 
 Runs the shipped model and a randomly initialised GPT-2-small-sized model side by side
 in one process and prints a table. Usage:
@@ -19,14 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.checkpoint import load_model  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
+from model.evaluate import autocast  # noqa: E402
 from model.generate import SamplingParams, generate_tokens  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 
 GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 
 
-def training_tokens_per_second(model: GPT, batch: int, steps: int) -> float:
-    """Forward + backward + AdamW step on random windows of the model's context."""
+def training_tokens_per_second(model: GPT, batch: int, steps: int, precision: str) -> float:
+    """Forward (in precision: fp32 or bf16 autocast) + backward + AdamW step on random windows."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     T = model.config.block_size
@@ -34,7 +35,8 @@ def training_tokens_per_second(model: GPT, batch: int, steps: int) -> float:
     for step in range(steps + 1):
         if step == 1:  # the first step warms up allocations and is not timed
             start = time.perf_counter()
-        _, loss = model(x[:, :-1], targets=x[:, 1:])
+        with autocast(torch.device("cpu"), precision):
+            _, loss = model(x[:, :-1], targets=x[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -69,15 +71,16 @@ def main() -> None:
     models[f"GPT-2 small size ({small.num_params() / 1e6:.0f}M, random)"] = (small, 2)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens, greedy")
-    header = f"{'model':<34} {'train tok/s':>12} {'gen tok/s cache':>16} {'gen tok/s no cache':>19} {'speed-up':>9} {'same':>5}"
+    header = f"{'model':<34} {'train tok/s':>12} {'bf16 train':>11} {'gen tok/s cache':>16} {'gen tok/s no cache':>19} {'speed-up':>9} {'same':>5}"
     print(header)
     print("-" * len(header))
     for name, (model, batch) in models.items():
-        train = training_tokens_per_second(model, batch, args.train_steps)
+        train = training_tokens_per_second(model, batch, args.train_steps, "fp32")
+        bf16 = training_tokens_per_second(model, batch, args.train_steps, "bf16")
         with torch.inference_mode():
             cached, a = generation(model, args.new_tokens, use_cache=True)
             uncached, b = generation(model, args.new_tokens, use_cache=False)
-        print(f"{name:<34} {train:>12,.0f} {cached:>16,.1f} {uncached:>19,.1f} {cached / uncached:>8.1f}x {str(a == b):>5}")
+        print(f"{name:<34} {train:>12,.0f} {bf16:>11,.0f} {cached:>16,.1f} {uncached:>19,.1f} {cached / uncached:>8.1f}x {str(a == b):>5}")
 
 
 if __name__ == "__main__":
