@@ -1,0 +1,66 @@
+"""The engine's float32 weights on CPU: large layers get the compiled one-row kernel, same results."""
+
+import logging
+
+import pytest
+import torch
+
+from model import inference_weights
+from model.config import GPTConfig
+from model.generate import SamplingParams, generate_tokens
+from model.gpt import GPT
+from model.inference_weights import ROW_KERNEL_MIN_WEIGHTS, RowKernelLinear, prepare
+
+# LM head 1024 x 512 and the wide block layers reach the kernel's size; attn c_proj (512 x 512) does not
+WIDE = GPTConfig(vocab_size=1024, block_size=64, n_layer=1, n_head=8, n_embd=512)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(WIDE).eval()
+
+
+@pytest.fixture(scope="module")
+def prepared(model):
+    return prepare(model, "float32")
+
+
+def test_large_layers_get_the_row_kernel_and_share_the_weights(model, prepared):
+    kernel_layers = {name for name, m in prepared.named_modules() if isinstance(m, RowKernelLinear)}
+    assert kernel_layers == {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
+                             "lm_head"}
+    assert model.transformer.h[0].attn.c_proj.weight.numel() < ROW_KERNEL_MIN_WEIGHTS
+    assert prepared.lm_head.weight is model.transformer.wte.weight  # tied, and no copy
+    assert not any(isinstance(m, RowKernelLinear) for m in model.modules())  # the original is left as it was
+
+
+def test_one_row_and_many_rows_give_nn_linears_results(model, prepared):
+    layer, reference = prepared.transformer.h[0].mlp.c_fc, model.transformer.h[0].mlp.c_fc
+    with torch.inference_mode():
+        one = torch.randn(1, 1, 512)
+        torch.testing.assert_close(layer(one), reference(one), rtol=1e-4, atol=1e-5)
+        many = torch.randn(3, 5, 512)
+        assert torch.equal(layer(many), reference(many))
+
+
+def test_greedy_decoding_gives_the_same_tokens(model, prepared):
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    with torch.inference_mode():
+        assert list(generate_tokens(prepared, [5, 6, 7], params)) == list(generate_tokens(model, [5, 6, 7], params))
+
+
+def test_without_a_compiler_the_layers_stay_plain_and_work(model, monkeypatch, caplog):
+    def no_compiler(fn, **options):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler")
+        return fails
+
+    monkeypatch.setattr(inference_weights.torch, "compile", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="model.inference_weights"):
+        plain = prepare(model, "float32")
+    assert "could not be compiled (no C++ compiler)" in caplog.text
+    assert not any(isinstance(m, RowKernelLinear) for m in plain.modules())
+    x = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        assert torch.equal(plain(x)[0], model(x)[0])
