@@ -46,7 +46,13 @@ class RowKernelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.size(-1))  # (N, in)
-        y = self.kernel(flat, self.weight, self.bias) if flat.size(0) == 1 else F.linear(flat, self.weight, self.bias)
+        if flat.size(0) == 1:
+            # plain tensors, contiguous: dynamo keeps parameters' shapes static and would
+            # compile again for every layer shape
+            bias = None if self.bias is None else self.bias.detach()
+            y = self.kernel(flat.contiguous(), self.weight.detach(), bias)
+        else:
+            y = F.linear(flat, self.weight, self.bias)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
@@ -68,14 +74,17 @@ def prepare(model: GPT, precision: str) -> GPT:
     model = copy.deepcopy(model, memo=shared)
     if on_cpu:
         try:
-            _large_layers_row_kernel(model, torch.compile(_row_dot, dynamic=False))
+            # dynamic: one kernel for every layer's shape and every model in the process; one
+            # compile per shape would soon pass dynamo's recompile limit, and past it _row_dot runs
+            # eagerly, materialising x * weight: many times slower than nn.Linear
+            _large_layers_row_kernel(model, torch.compile(_row_dot, dynamic=True))
         except Exception as exc:  # no C++ compiler, say: the layers left as they are give the same results
             log.warning("the one-row kernel could not be compiled (%s); large layers use nn.Linear", exc)
     return model
 
 
 def _large_layers_row_kernel(module: nn.Module, kernel: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> None:
-    """Give every large Linear the row kernel, compiled now for its shape (not at a first reply)."""
+    """Give every large Linear the row kernel, compiled now (not at a first reply)."""
     for name, child in module.named_children():
         if isinstance(child, nn.Linear) and child.weight.numel() >= ROW_KERNEL_MIN_WEIGHTS:
             layer = RowKernelLinear(child, kernel)

@@ -64,3 +64,16 @@ def test_without_a_compiler_the_layers_stay_plain_and_work(model, monkeypatch, c
     x = torch.tensor([[1, 2, 3]])
     with torch.inference_mode():
         assert torch.equal(plain(x)[0], model(x)[0])
+
+
+def test_the_kernel_is_compiled_once_for_every_shape_and_model(model, prepared):
+    """Past dynamo's recompile limit the kernel would run eagerly, many times slower: shapes must not add compiles."""
+    torch.manual_seed(1)
+    other = GPT(GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=4, n_embd=384)).eval()
+    torch._dynamo.utils.counters.clear()
+    again = prepare(other, "float32")
+    with torch.inference_mode():
+        for _ in range(3):
+            again(torch.tensor([[1, 2, 3]]))
+            prepared(torch.tensor([[4]]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
