@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("float32", "bfloat16", "int8")
 
 
-ROW_KERNEL_MIN_WEIGHTS = 2**19  # 2 MiB of float32: smaller weights sit in the cache, where MKL is as fast
+# Below this many bytes of Linear weights a model's step reads them from the CPU cache, where
+# MKL is as fast, and compiling would only cost time and the compiler's memory (about 110 MiB).
+ROW_KERNEL_MIN_BYTES = 64 * 2**20
 
 
 def _row_dot(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -56,8 +58,12 @@ class RowKernelLinear(nn.Module):
         return y.view(*x.shape[:-1], y.size(-1))
 
 
-def prepare(model: GPT, precision: str) -> GPT:
-    """A copy of model for inference in precision; the original is left as it was."""
+def prepare(model: GPT, precision: str, row_kernel_min_bytes: int = ROW_KERNEL_MIN_BYTES) -> GPT:
+    """A copy of model for inference in precision; the original is left as it was.
+
+    On CPU in float32, a model with at least row_kernel_min_bytes of Linear weights gets the
+    one-row kernel in every Linear.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     on_cpu = model.transformer.wte.weight.device.type == "cpu"
@@ -72,24 +78,25 @@ def prepare(model: GPT, precision: str) -> GPT:
     # a new module tree over the same tensors: no new memory
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     model = copy.deepcopy(model, memo=shared)
-    if on_cpu:
+    linear_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear))
+    if on_cpu and linear_bytes >= row_kernel_min_bytes:
         try:
             # dynamic: one kernel for every layer's shape and every model in the process; one
             # compile per shape would soon pass dynamo's recompile limit, and past it _row_dot runs
             # eagerly, materialising x * weight: many times slower than nn.Linear
-            _large_layers_row_kernel(model, torch.compile(_row_dot, dynamic=True))
+            _linears_row_kernel(model, torch.compile(_row_dot, dynamic=True))
         except Exception as exc:  # no C++ compiler, say: the layers left as they are give the same results
-            log.warning("the one-row kernel could not be compiled (%s); large layers use nn.Linear", exc)
+            log.warning("the one-row kernel could not be compiled (%s); layers use nn.Linear", exc)
     return model
 
 
-def _large_layers_row_kernel(module: nn.Module, kernel: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> None:
-    """Give every large Linear the row kernel, compiled now (not at a first reply)."""
+def _linears_row_kernel(module: nn.Module, kernel: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> None:
+    """Give every Linear the row kernel, compiled now (not at a first reply)."""
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear) and child.weight.numel() >= ROW_KERNEL_MIN_WEIGHTS:
+        if isinstance(child, nn.Linear):
             layer = RowKernelLinear(child, kernel)
             with torch.inference_mode():
                 layer(torch.zeros(1, child.in_features, dtype=child.weight.dtype))
             setattr(module, name, layer)
         else:
-            _large_layers_row_kernel(child, kernel)
+            _linears_row_kernel(child, kernel)

@@ -1,4 +1,4 @@
-"""The engine's float32 weights on CPU: large layers get the compiled one-row kernel, same results."""
+"""The engine's float32 weights on CPU: a large model's layers get the compiled one-row kernel, same results."""
 
 import logging
 
@@ -9,10 +9,10 @@ from model import inference_weights
 from model.config import GPTConfig
 from model.generate import SamplingParams, generate_tokens
 from model.gpt import GPT
-from model.inference_weights import ROW_KERNEL_MIN_WEIGHTS, RowKernelLinear, prepare
+from model.inference_weights import RowKernelLinear, prepare
 
-# LM head 1024 x 512 and the wide block layers reach the kernel's size; attn c_proj (512 x 512) does not
-WIDE = GPTConfig(vocab_size=1024, block_size=64, n_layer=1, n_head=8, n_embd=512)
+WIDE = GPTConfig(vocab_size=1024, block_size=64, n_layer=1, n_head=8, n_embd=512)  # 14 MiB of Linear weights
+LARGE = 8 * 2**20  # the size from which these tests call a model large (the default is 64 MiB)
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +23,19 @@ def model():
 
 @pytest.fixture(scope="module")
 def prepared(model):
-    return prepare(model, "float32")
+    return prepare(model, "float32", row_kernel_min_bytes=LARGE)
 
 
-def test_large_layers_get_the_row_kernel_and_share_the_weights(model, prepared):
+def test_a_large_models_layers_get_the_row_kernel_and_share_the_weights(model, prepared):
     kernel_layers = {name for name, m in prepared.named_modules() if isinstance(m, RowKernelLinear)}
-    assert kernel_layers == {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj",
-                             "lm_head"}
-    assert model.transformer.h[0].attn.c_proj.weight.numel() < ROW_KERNEL_MIN_WEIGHTS
+    assert kernel_layers == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                             "transformer.h.0.mlp.c_proj", "lm_head"}
     assert prepared.lm_head.weight is model.transformer.wte.weight  # tied, and no copy
     assert not any(isinstance(m, RowKernelLinear) for m in model.modules())  # the original is left as it was
+
+
+def test_a_model_whose_weights_fit_the_cache_keeps_plain_layers(model):
+    assert not any(isinstance(m, RowKernelLinear) for m in prepare(model, "float32").modules())  # 14 < 64 MiB
 
 
 def test_one_row_and_many_rows_give_nn_linears_results(model, prepared):
@@ -58,7 +61,7 @@ def test_without_a_compiler_the_layers_stay_plain_and_work(model, monkeypatch, c
 
     monkeypatch.setattr(inference_weights.torch, "compile", no_compiler)
     with caplog.at_level(logging.WARNING, logger="model.inference_weights"):
-        plain = prepare(model, "float32")
+        plain = prepare(model, "float32", row_kernel_min_bytes=LARGE)
     assert "could not be compiled (no C++ compiler)" in caplog.text
     assert not any(isinstance(m, RowKernelLinear) for m in plain.modules())
     x = torch.tensor([[1, 2, 3]])
@@ -71,7 +74,7 @@ def test_the_kernel_is_compiled_once_for_every_shape_and_model(model, prepared):
     torch.manual_seed(1)
     other = GPT(GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=4, n_embd=384)).eval()
     torch._dynamo.utils.counters.clear()
-    again = prepare(other, "float32")
+    again = prepare(other, "float32", row_kernel_min_bytes=2**20)
     with torch.inference_mode():
         for _ in range(3):
             again(torch.tensor([[1, 2, 3]]))
