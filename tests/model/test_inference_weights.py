@@ -9,7 +9,7 @@ from model import inference_weights
 from model.config import GPTConfig
 from model.generate import SamplingParams, generate_tokens
 from model.gpt import GPT
-from model.inference_weights import RowKernelLinear, prepare
+from model.inference_weights import InputMajorLinear, RowKernelLinear, prepare
 
 WIDE = GPTConfig(vocab_size=1024, block_size=64, n_layer=1, n_head=8, n_embd=512)  # 14 MiB of Linear weights
 LARGE = 8 * 2**20  # the size from which these tests call a model large (the default is 64 MiB)
@@ -34,8 +34,15 @@ def test_a_large_models_layers_get_the_row_kernel_and_share_the_weights(model, p
     assert not any(isinstance(m, RowKernelLinear) for m in model.modules())  # the original is left as it was
 
 
-def test_a_model_whose_weights_fit_the_cache_keeps_plain_layers(model):
-    assert not any(isinstance(m, RowKernelLinear) for m in prepare(model, "float32").modules())  # 14 < 64 MiB
+def test_a_model_whose_weights_fit_the_cache_stores_its_wide_layers_input_major(model):
+    small = prepare(model, "float32")  # 14 < 64 MiB
+    assert not any(isinstance(m, RowKernelLinear) for m in small.modules())
+    wide = {name for name, m in small.named_modules() if isinstance(m, InputMajorLinear)}
+    assert wide == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                    "lm_head"}  # out >= in: all but the MLP's c_proj
+    x = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(small(x)[0], model(x)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_one_row_and_many_rows_give_nn_linears_results(model, prepared):
