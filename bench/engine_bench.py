@@ -44,7 +44,7 @@ from model.engine import InferenceEngine  # noqa: E402
 from model.evaluate import score  # noqa: E402
 from model.generate import SamplingParams, generate_tokens  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.inference_weights import PRECISIONS, InputMajorLinear, RowKernelLinear, prepare  # noqa: E402
+from model.inference_weights import PRECISIONS, CpuLinear, prepare  # noqa: E402
 from model.tokenizer import ChatTokenizer  # noqa: E402
 
 GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
@@ -243,7 +243,7 @@ def bytes_per_token(model: nn.Module) -> int:
     """
     total = 0
     for module in model.modules():
-        if isinstance(module, (nn.Linear, InputMajorLinear, RowKernelLinear, nn.LayerNorm)):
+        if isinstance(module, (nn.Linear, CpuLinear, nn.LayerNorm)):
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         elif isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # int8 weight, fp32 bias
             weight, bias = module.weight(), module.bias()

@@ -1,4 +1,4 @@
-"""The engine's own copy of the weights: in the chosen precision, with a faster one-row product on CPU."""
+"""The engine's own copy of the weights: in the chosen precision, with faster products on CPU."""
 
 import copy
 import logging
@@ -21,8 +21,11 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 # Below this many bytes of Linear weights a model's step reads them from the CPU cache, where
-# MKL is as fast, and compiling would only cost time and the compiler's memory (about 110 MiB).
+# the matrix product is as fast, and compiling would only cost time and the compiler's memory
+# (about 110 MiB).
 ROW_KERNEL_MIN_BYTES = 64 * 2**20
+
+Product = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x (N, in), weight (out, in), bias) -> (N, out)
 
 
 def _row_dot(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -31,57 +34,49 @@ def _row_dot(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y if bias is None else y + bias
 
 
-class RowKernelLinear(nn.Module):
-    """nn.Linear whose one-row products (a lone stream's decoding step) run a compiled kernel.
+def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T + bias through oneDNN's matmul (the kernel torch's compiler uses for CPU Linears)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
-    For one row, torch calls MKL's matrix-vector product, which reads a large weight at about
-    60 % of this machine's memory bandwidth; the kernel torch.compile writes for _row_dot
-    streams each weight row once and reads at nearly all of it (GPT-2 small's 494 MB of
-    weights: 11.5 vs 21.5 ms a step, measured). More rows take nn.Linear's own path.
+
+class CpuLinear(nn.Module):
+    """nn.Linear for float32 inference on CPU: oneDNN's matrix product for several rows, a
+    one-row product of the caller's choice for a lone stream's decoding step.
+
+    nn.Linear calls MKL, whose sgemm runs the few rows of a batched decoding step slowly on
+    this AMD CPU (70-110 GFLOP/s); oneDNN's takes GPT-2 small's 16-row step from 39.7 to
+    26.4 ms of block products and its LM head from 29.5 to 16.3 ms (measured). For one row,
+    a large model uses the kernel torch.compile writes for _row_dot, which streams each weight
+    row once at nearly the memory bandwidth (GPT-2 small's stack: 11.2 ms vs oneDNN's 17 and
+    MKL's 21.5); a model that fits the cache keeps MKL's product, with its wide layers stored
+    input-major (in, out), as GPT-2's Conv1D, which MKL streams 1.3x faster for one row.
     """
 
-    def __init__(self, linear: nn.Linear, kernel: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> None:
+    def __init__(self, linear: nn.Linear, product: Product, one_row: Product, input_major: bool = False) -> None:
         super().__init__()
-        self.weight = linear.weight  # the same tensor: the tied LM head stays tied
-        self.bias = linear.bias
-        self.kernel = kernel
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.size(-1))  # (N, in)
-        if flat.size(0) == 1:
-            # plain tensors, contiguous: dynamo keeps parameters' shapes static and would
-            # compile again for every layer shape
-            bias = None if self.bias is None else self.bias.detach()
-            y = self.kernel(flat.contiguous(), self.weight.detach(), bias)
+        if input_major:  # (out, in) view of an (in, out) copy: the tied LM head gets its own
+            self.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
         else:
-            y = F.linear(flat, self.weight, self.bias)
-        return y.view(*x.shape[:-1], y.size(-1))
-
-
-class InputMajorLinear(nn.Module):
-    """nn.Linear with its weight stored transposed, (in, out), as GPT-2's Conv1D: y = x @ W_t + b.
-
-    Same values, other layout: for the few rows of a decoding step, MKL streams a weight with
-    out >= in faster this way round when the model sits in the cache (measured: 1.3x for
-    GPT-2's c_attn, c_fc and LM head shapes).
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)  # (in, out)
+            self.weight = linear.weight  # the same tensor: the tied LM head stays tied
         self.bias = linear.bias
+        # plain tensors over the same memory: oneDNN's product has no autograd, and dynamo keeps
+        # parameters' shapes static, so it would compile the row kernel again for every layer shape
+        self._plain = (self.weight.detach(), None if self.bias is None else self.bias.detach())
+        self.product = product
+        self.one_row = one_row
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.size(-1))  # (N, in)
-        y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        flat = x.reshape(-1, x.size(-1)).contiguous()  # (N, in)
+        y = (self.one_row if flat.size(0) == 1 else self.product)(flat, *self._plain)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
 def prepare(model: GPT, precision: str, row_kernel_min_bytes: int = ROW_KERNEL_MIN_BYTES) -> GPT:
     """A copy of model for inference in precision; the original is left as it was.
 
-    On CPU in float32, a model with at least row_kernel_min_bytes of Linear weights gets the
-    one-row kernel in every Linear; a smaller one stores its wide layers input-major.
+    On CPU in float32 every Linear becomes a CpuLinear; a model with at least
+    row_kernel_min_bytes of Linear weights gets the one-row kernel, a smaller one input-major
+    copies of its wide layers (out >= in).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -97,35 +92,49 @@ def prepare(model: GPT, precision: str, row_kernel_min_bytes: int = ROW_KERNEL_M
     # a new module tree over the same tensors: only input-major layers take new memory
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     model = copy.deepcopy(model, memo=shared)
-    linear_bytes = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear))
-    if on_cpu and linear_bytes >= row_kernel_min_bytes:
-        try:
-            # dynamic: one kernel for every layer's shape and every model in the process; one
-            # compile per shape would soon pass dynamo's recompile limit, and past it _row_dot runs
-            # eagerly, materialising x * weight: many times slower than nn.Linear
-            _linears_row_kernel(model, torch.compile(_row_dot, dynamic=True))
-        except Exception as exc:  # no C++ compiler, say: the layers left as they are give the same results
-            log.warning("the one-row kernel could not be compiled (%s); layers use nn.Linear", exc)
-    elif on_cpu:
-        _wide_layers_input_major(model)
+    if not on_cpu:
+        return model
+    product = _cpu_product()
+    if sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear)) >= row_kernel_min_bytes:
+        _cpu_linears(model, product, _compiled_row_kernel() or F.linear, input_major=False)
+    else:
+        _cpu_linears(model, product, F.linear, input_major=True)
     return model
 
 
-def _linears_row_kernel(module: nn.Module, kernel: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> None:
-    """Give every Linear the row kernel, compiled now (not at a first reply)."""
+def _cpu_product() -> Product:
+    """oneDNN's product where this torch has it and it gives nn.Linear's results; F.linear (MKL) if not."""
+    x, weight, bias = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    try:
+        with torch.inference_mode():
+            if torch.allclose(_onednn_product(x, weight, bias), F.linear(x, weight, bias), rtol=1e-4, atol=1e-5):
+                return _onednn_product
+        reason = "its results differ from nn.Linear's"
+    except Exception as exc:  # a torch built without oneDNN
+        reason = str(exc).splitlines()[0]
+    log.warning("oneDNN's matrix product is not usable (%s); layers use nn.Linear", reason)
+    return F.linear
+
+
+def _compiled_row_kernel() -> Product | None:
+    # dynamic: one kernel for every layer's shape and every model in the process; one compile
+    # per shape would soon pass dynamo's recompile limit, and past it _row_dot runs eagerly,
+    # materialising x * weight: many times slower than a matrix product
+    kernel = torch.compile(_row_dot, dynamic=True)
+    try:
+        with torch.inference_mode():  # compile now, not at a first reply; the LM head has no bias
+            for bias in (torch.zeros(4), None):
+                kernel(torch.zeros(1, 8), torch.zeros(4, 8), bias)
+    except Exception as exc:  # no C++ compiler, say: the matrix product gives the same results
+        log.warning("the one-row kernel could not be compiled (%s); layers use the matrix product", exc)
+        return None
+    return kernel
+
+
+def _cpu_linears(module: nn.Module, product: Product, one_row: Product, input_major: bool) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            layer = RowKernelLinear(child, kernel)
-            with torch.inference_mode():
-                layer(torch.zeros(1, child.in_features, dtype=child.weight.dtype))
-            setattr(module, name, layer)
+            wide = input_major and child.out_features >= child.in_features
+            setattr(module, name, CpuLinear(child, product, one_row, input_major=wide))
         else:
-            _linears_row_kernel(child, kernel)
-
-
-def _wide_layers_input_major(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear) and child.out_features >= child.in_features:
-            setattr(module, name, InputMajorLinear(child))  # the tied LM head gets its own copy
-        else:
-            _wide_layers_input_major(child)
+            _cpu_linears(child, product, one_row, input_major)
