@@ -131,11 +131,17 @@ async def migrate_only(settings: Settings) -> None:
 
 
 async def load_local_model(settings: Settings) -> LoadedModel:
-    """The model in BOT_MODEL_PATH, on BOT_DEVICE."""
+    """The model in BOT_MODEL_PATH, on BOT_DEVICE, loaded on one torch thread (see leave_threads_to_the_engine)."""
     from model.checkpoint import CheckpointError, load_model
+    from model.engine import leave_threads_to_the_engine
 
+    def load() -> LoadedModel:
+        leave_threads_to_the_engine()
+        return load_model(settings.model_path, settings.device)
+
+    leave_threads_to_the_engine()  # this thread prepares the engine's weights
     try:
-        loaded = await asyncio.to_thread(load_model, settings.model_path, settings.device)
+        loaded = await asyncio.to_thread(load)
     except CheckpointError as exc:
         raise UserError(f"cannot load the model in BOT_MODEL_PATH={settings.model_path}: {exc}") from exc
     log.info("model %s loaded (%s parameters)", loaded.name, f"{loaded.model.num_params():,}")

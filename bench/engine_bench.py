@@ -23,12 +23,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -40,13 +41,14 @@ from bot.prompt import PromptTemplate, Turn, build_prompt  # noqa: E402
 from model.checkpoint import LoadedModel, export_gpt2, load_model  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
 from model.data import load_corpus, split_by_conversation  # noqa: E402
-from model.engine import InferenceEngine  # noqa: E402
+from model.engine import InferenceEngine, leave_threads_to_the_engine  # noqa: E402
 from model.evaluate import score  # noqa: E402
 from model.generate import SamplingParams, generate_tokens  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.inference_weights import PRECISIONS, CpuLinear, prepare  # noqa: E402
 from model.tokenizer import ChatTokenizer  # noqa: E402
 
+T = TypeVar("T")
 GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 PERSONA = "I am a friendly chat bot. I answer briefly and kindly."
 MESSAGES = [
@@ -126,6 +128,32 @@ def engine_tokens_per_second(
     asyncio.run(timed(engine, prompt, greedy(8)))  # warm-up
     runs = [asyncio.run(timed(engine, prompt, greedy(n))) for _ in range(repeats)]
     return statistics.median(len(r.tokens) / r.total for r in runs), runs[-1].tokens
+
+
+def in_thread(threads: int, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a new thread with that many torch threads, which ends with it.
+
+    Each system runs its torch work in a thread of its own that has ended (and freed its OpenMP
+    team) before the next one starts, as our engine's worker does; the main thread keeps one
+    torch thread (see model.engine.leave_threads_to_the_engine), so no system runs while another
+    one's OpenMP team makes libgomp stop spinning between parallel regions.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 # ---- measuring transformers ----------------------------------------------------------------
@@ -215,9 +243,10 @@ def single_stream(s: Subject, args: argparse.Namespace) -> dict[str, Any]:
     prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
     with engine_for(s, args) as engine:
         ours, ours_tokens = engine_tokens_per_second(engine, prompt, args.tokens, s.repeats)
-    hf, hf_tokens = hf_tokens_per_second(s.hf, prompt, args.tokens, s.repeats)
-    cached, a = reference_tokens_per_second(s.loaded.model, prompt, args.tokens, True, s.repeats)
-    uncached, b = reference_tokens_per_second(s.loaded.model, prompt, args.tokens, False, s.repeats)
+    hf, hf_tokens = in_thread(args.threads, hf_tokens_per_second, s.hf, prompt, args.tokens, s.repeats)
+    model, n = s.loaded.model, args.tokens
+    cached, a = in_thread(args.threads, reference_tokens_per_second, model, prompt, n, True, s.repeats)
+    uncached, b = in_thread(args.threads, reference_tokens_per_second, model, prompt, n, False, s.repeats)
     return dict(ours=ours, hf=hf, same_as_hf=ours_tokens == hf_tokens, cached=cached, uncached=uncached,
                 same_cache=a == b == ours_tokens)
 
@@ -255,7 +284,8 @@ def concurrency(s: Subject, args: argparse.Namespace, n: int, gap: float) -> dic
     """n conversations arriving gap seconds apart: ours, transformers one by one, transformers batched.
 
     Per system (tokens/s, time to first token p50, p95, total seconds), each the median of
-    s.repeats rounds; a round runs the three systems one after the other.
+    s.repeats rounds; a round runs the three systems one after the other, our engine closed
+    before transformers starts.
     """
     rng = random.Random(n)
     low, high = s.prompt_lengths
@@ -263,16 +293,16 @@ def concurrency(s: Subject, args: argparse.Namespace, n: int, gap: float) -> dic
     arrivals = [i * gap for i in range(n)]
     m = args.concurrent_tokens
     rounds: dict[str, list[tuple[float, ...]]] = {"ours": [], "serial": [], "static": []}
-    with engine_for(s, args) as engine:
-        asyncio.run(timed(engine, prompts[0], greedy(4)))  # warm-up
-        hf_generate(s.hf, prompts[:1], 4)
-        for _ in range(s.repeats):
+    in_thread(args.threads, hf_generate, s.hf, prompts[:1], 4)  # warm-up
+    for _ in range(s.repeats):
+        with engine_for(s, args) as engine:
+            asyncio.run(timed(engine, prompts[0], greedy(4)))  # warm-up
             runs, total = asyncio.run(concurrent(engine, prompts, arrivals, m))
-            assert all(len(r.tokens) == m for r in runs)
-            rounds["ours"].append((n * m / total, *_p50_p95([r.first for r in runs]), total))
-            for kind, system in (("serial", hf_one_after_another), ("static", hf_static_batch)):
-                firsts, total = system(s.hf, prompts, arrivals, m)
-                rounds[kind].append((n * m / total, *_p50_p95(firsts), total))
+        assert all(len(r.tokens) == m for r in runs)
+        rounds["ours"].append((n * m / total, *_p50_p95([r.first for r in runs]), total))
+        for kind, system in (("serial", hf_one_after_another), ("static", hf_static_batch)):
+            firsts, total = in_thread(args.threads, system, s.hf, prompts, arrivals, m)
+            rounds[kind].append((n * m / total, *_p50_p95(firsts), total))
     return {kind: tuple(statistics.median(column) for column in zip(*values)) for kind, values in rounds.items()}
 
 
@@ -330,11 +360,15 @@ def precisions(s: Subject, args: argparse.Namespace, val: list[list[str]] | None
                       for _ in range(s.repeats)]
             bpb = float("nan")
             if val:
-                with torch.inference_mode():
-                    bpb = score(engine.loaded.model, s.loaded.tokenizer, val, s.loaded.config.block_size,
-                                device=torch.device(args.device))["bits_per_byte"]
+                bpb = in_thread(args.threads, _bits_per_byte, engine.loaded.model, s, val, args)
         out[precision] = (single, 16 * args.concurrent_tokens / statistics.median(totals), bpb)
     return out
+
+
+def _bits_per_byte(model: nn.Module, s: Subject, val: list[list[str]], args: argparse.Namespace) -> float:
+    with torch.inference_mode():
+        return score(model, s.loaded.tokenizer, val, s.loaded.config.block_size,
+                     device=torch.device(args.device))["bits_per_byte"]
 
 
 def threads(s: Subject, args: argparse.Namespace) -> dict[int, tuple[float, float]]:
@@ -342,11 +376,9 @@ def threads(s: Subject, args: argparse.Namespace) -> dict[int, tuple[float, floa
     prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
     out = {}
     for n in sorted({1, args.threads}):
-        torch.set_num_threads(n)
         with engine_for(s, args, torch_threads=n) as engine:
             ours, _ = engine_tokens_per_second(engine, prompt, args.tokens, s.repeats)
-        out[n] = (ours, hf_tokens_per_second(s.hf, prompt, args.tokens, s.repeats)[0])
-    torch.set_num_threads(args.threads)
+        out[n] = (ours, in_thread(n, hf_tokens_per_second, s.hf, prompt, args.tokens, s.repeats)[0])
     return out
 
 
@@ -488,13 +520,12 @@ def main() -> None:
                         help="which models to measure: shipped, gpt2 or both (default shipped,gpt2)")
     parser.add_argument("--rss-probe", choices=("shipped", "gpt2"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    leave_threads_to_the_engine()  # each measurement runs in a thread of its own: see in_thread
     if args.rss_probe:
-        torch.set_num_threads(args.threads)
         return rss_probe(args.rss_probe, args)
     if args.quick:
         args.tokens, args.concurrency, args.concurrent_tokens = 12, "1,4", 8
         args.turns, args.val_conversations = 5, 10
-    torch.set_num_threads(args.threads)
     levels = [int(n) for n in args.concurrency.split(",")]
     val = validation(args.model, args.val_conversations)
     bandwidth = float("nan")
@@ -513,7 +544,7 @@ def main() -> None:
             r["threads"] = threads(s, args)
             r["rss"] = serving_rss("shipped" if s.loaded.name != "gpt2-small" else "gpt2", args)
             if len(results) == 1:  # after the shipped model, whose peak RSS should be its own
-                bandwidth = copy_bandwidth(torch.device(args.device))
+                bandwidth = in_thread(args.threads, copy_bandwidth, torch.device(args.device))
 
     _print(results, args, bandwidth, levels)
 

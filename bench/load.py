@@ -52,7 +52,7 @@ from bot.sessions import SessionManager  # noqa: E402
 from bot.slack_adapter import EVENTS_PATH, SlackAdapter, slack_client  # noqa: E402
 from core_bench import scratch_database  # noqa: E402
 from model.checkpoint import LoadedModel, load_model  # noqa: E402
-from model.engine import InferenceEngine  # noqa: E402
+from model.engine import InferenceEngine, leave_threads_to_the_engine  # noqa: E402
 from run_bot import engine_options  # noqa: E402
 from storage.db import make_engine, make_session_factory, migrate  # noqa: E402
 from storage.turn_locks import TurnLocks  # noqa: E402
@@ -354,6 +354,7 @@ def main() -> None:
         parser.error("--users and --rate must be above 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     base = Settings(_env_file=None)
+    leave_threads_to_the_engine()
     loaded = load_model(base.model_path, base.device)
     sys.exit(0 if asyncio.run(run(args, loaded)) else 1)
 
