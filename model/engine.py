@@ -21,6 +21,10 @@ from model.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
+# torch's intra-op threads as this module is imported (torch's own default unless set before):
+# what the engine's worker uses when given torch_threads=0
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
 
 class EngineBusy(Exception):
     """More requests are waiting than the engine accepts; the caller should answer "busy"."""
@@ -201,9 +205,9 @@ class InferenceEngine:
             request.cancelled = True  # a no-op when it has ended; else it leaves at the next step
 
     def _work(self) -> None:
-        # per thread under OpenMP: set here; torch's default (this new thread's) is set too, as
-        # another thread's set_num_threads also sets MKL's process-wide count
-        torch.set_num_threads(self._torch_threads or torch.get_num_threads())
+        # per thread under OpenMP: set here, torch's default too, as a new thread starts with the
+        # count last set in any thread (one, by leave_threads_to_the_engine)
+        torch.set_num_threads(self._torch_threads or TORCH_DEFAULT_THREADS)
         with torch.inference_mode():
             while True:
                 with self._wake:

@@ -1,6 +1,7 @@
 """The inference engine: batching against the reference decoder, independence, cancellation, queue, cache reuse."""
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import replace
@@ -10,7 +11,7 @@ import torch
 
 from model.checkpoint import LoadedModel
 from model.conversation_cache import CachedTurn, ConversationCache
-from model.engine import EngineBusy, EngineError, InferenceEngine
+from model.engine import TORCH_DEFAULT_THREADS, EngineBusy, EngineError, InferenceEngine, leave_threads_to_the_engine
 from model.generate import SamplingParams, generate_tokens, stream_text
 from model.gpt import GPT
 from model.tokenizer import ChatTokenizer
@@ -216,3 +217,35 @@ async def test_every_precision_runs_on_a_copy(tiny: LoadedModel, precision: str)
     assert all(torch.equal(v, original[k]) for k, v in tiny.model.state_dict().items())
     with pytest.raises(ValueError, match="precision"):
         InferenceEngine(tiny, precision="float8")
+
+
+def test_the_worker_owns_torchs_threads_while_the_loading_thread_keeps_one(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One OpenMP team per process: a second one makes libgomp stop spinning between parallel regions."""
+    seen: list[int] = []  # torch threads of the thread that runs the model
+    forward_last = GPT.forward_last
+
+    def recording(self: GPT, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return forward_last(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GPT, "forward_last", recording)
+    found: dict[str, object] = {}
+
+    def loading_thread() -> None:  # not pytest's thread, whose torch threads other tests need
+        leave_threads_to_the_engine()
+        found["loading"] = torch.get_num_threads()
+        for threads in (0, 2):
+            with engine_for(tiny, torch_threads=threads) as engine:
+                asyncio.run(collect(engine.stream_tokens([1, 2, 3], replace(GREEDY, max_new_tokens=2))))
+            found[f"worker {threads}"] = set(seen)
+            seen.clear()
+
+    thread = threading.Thread(target=loading_thread)
+    thread.start()
+    thread.join()
+    assert found["loading"] == 1
+    # torch's default, though a new thread starts with the count last set anywhere (here one)
+    assert found["worker 0"] == {TORCH_DEFAULT_THREADS}
+    assert found["worker 2"] == {2}
