@@ -59,7 +59,9 @@ class Settings(BaseSettings):
         description="model folder: ours (config.json + tokenizer.json + model.safetensors) or a GPT-2-family folder",
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs: cpu or cuda")
-    torch_threads: int = Field(0, ge=0, le=256, description="torch CPU threads, 0 = torch's default")
+    torch_threads: int = Field(
+        0, ge=0, le=256, description="torch CPU threads of the inference engine, 0 = torch's default (other threads get one)"
+    )
     precision: Literal["float32", "bfloat16", "int8"] = Field(
         "float32",
         description="weights the engine computes with: float32; int8 (CPU only: about 1.5x faster alone, 2x at "
