@@ -179,6 +179,7 @@ class Batcher:
                 self.kv.write_row(seq.row, entry.kv, n)
                 seq.done = n
                 self._reused += n
+            self.conversations.release(entry)  # its buffer serves the next turn to end
 
     def _decode(self) -> None:
         """Feed every decoding row its pending token and sample the next; a failure ends only its own request."""
@@ -253,7 +254,7 @@ class Batcher:
         request = seq.request
         if seq.row >= 0:
             if request.cache_key is not None and seq.done > 0 and error is None:
-                kv = self.kv.read_row(seq.row, seq.done)
+                kv = self.kv.read_row(seq.row, seq.done, self.conversations.buffer)
                 self.conversations.put(request.cache_key, CachedTurn(tuple(seq.context[: seq.done]), kv))
             self._free_row(seq)
         if error is not None:

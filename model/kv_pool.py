@@ -1,10 +1,19 @@
 """Pre-allocated keys and values for the running batch: one row per sequence, each at its own length."""
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from model.config import GPTConfig
 from model.gpt import KVCache
+
+Allocate = Callable[[int, torch.dtype, torch.device], Tensor]  # (numel, dtype, device) -> flat tensor
+
+
+def _new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(numel, dtype=dtype, device=device)
 
 
 class RowKVCache:
@@ -63,9 +72,15 @@ class RowKVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def read_row(self, r: int, length: int) -> Tensor:
-        """A copy (2, n_layer, nh, length, hs) of row r's first length positions."""
-        return torch.stack((self.k[:, r, :, :length], self.v[:, r, :, :length]))
+    def read_row(self, r: int, length: int, buffer: Allocate = _new_buffer) -> Tensor:
+        """A copy (2, n_layer, nh, length, hs) of row r's first length positions, in the first
+        elements of the flat tensor buffer(numel, dtype, device) gives."""
+        n_layer, _, n_head, _, head_dim = self.k.shape
+        shape = (2, n_layer, n_head, length, head_dim)
+        kv = buffer(math.prod(shape), self.k.dtype, self.k.device)[: math.prod(shape)].view(shape)
+        kv[0].copy_(self.k[:, r, :, :length])
+        kv[1].copy_(self.v[:, r, :, :length])
+        return kv
 
     def write_row(self, r: int, kv: Tensor, length: int) -> None:
         """Put the first length positions of kv (2, n_layer, nh, >=length, hs), from read_row, into row r."""

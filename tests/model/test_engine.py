@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from model.checkpoint import LoadedModel
+from model.batching import Batcher, Request
 from model.conversation_cache import CachedTurn, ConversationCache
 from model.engine import TORCH_DEFAULT_THREADS, EngineBusy, EngineError, InferenceEngine, leave_threads_to_the_engine
 from model.generate import SamplingParams, generate_tokens, stream_text
 from model.gpt import GPT
+from model.inference_weights import prepare
 from model.tokenizer import ChatTokenizer
 
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.3, max_new_tokens=20)
@@ -193,6 +195,51 @@ def test_conversation_cache_evicts_least_recently_used_within_its_bytes() -> Non
     cache.put("huge", turn(11))  # larger than the whole budget: not kept, nothing evicted
     assert len(cache) == 2 and cache.take("a") is not None and cache.take("c") is not None
     assert cache.nbytes == 0
+
+
+def test_conversation_cache_hands_out_the_buffers_of_entries_that_left_within_its_bytes() -> None:
+    cache = ConversationCache(max_bytes=4 * 1000)
+    fresh = cache.buffer(100, torch.float32, torch.device("cpu"))
+    assert 100 <= fresh.numel() <= 100 * 9 // 8  # room for a slightly longer later turn
+    entry = CachedTurn(tuple(range(10)), fresh[:100].view(2, 1, 1, 10, 5))
+    assert entry.nbytes == fresh.nbytes  # the whole buffer counts against the bound
+    cache.put("a", entry)
+    cache.release(cache.take("a"))  # its keys and values were copied into a batch row
+    assert cache.nbytes == 0 and cache.spare_bytes == fresh.nbytes
+    again = cache.buffer(90, torch.float32, torch.device("cpu"))  # smaller fits
+    assert again.data_ptr() == fresh.data_ptr() and cache.spare_bytes == 0
+    assert cache.buffer(90, torch.float64, torch.device("cpu")).dtype == torch.float64  # no spare of that kind
+
+    cache.release(CachedTurn((), again[:90].view(2, 1, 1, 9, 5)))
+    big = cache.buffer(900, torch.float32, torch.device("cpu"))  # too large for the spare: a new one
+    assert big.data_ptr() != fresh.data_ptr()
+    cache.put("b", CachedTurn((), big[:900].view(2, 1, 1, 90, 5)))  # room for it: the spare goes first
+    assert len(cache) == 1 and cache.spare_bytes == 0
+    assert cache.nbytes + cache.spare_bytes <= cache.max_bytes
+
+
+def test_a_conversations_next_turn_writes_into_its_last_turns_buffer(tiny: LoadedModel) -> None:
+    """A fresh buffer of tens of MB costs its page faults at every turn's end; a reused one does not."""
+    params = replace(GREEDY, max_new_tokens=6)
+    prompt = prompts()[3]
+    batcher = Batcher(prepare(tiny.model, "float32"), max_batch=2, cache_bytes=2**20, prefill_chunk=64)
+    held, replies = [], []  # held: every turn's keys and values, so no buffer is freed and its address reused
+    with torch.inference_mode():
+        for _ in range(3):
+            request = Request(prompt_ids=prompt, params=params, cache_key="c")
+            batcher.add(request)
+            reply = []
+            while not batcher.idle:
+                reply += [item for r, item in batcher.step() if r is request and isinstance(item, int)]
+            replies.append(reply)
+            entry = batcher.conversations.take("c")
+            assert entry is not None
+            held.append(entry.kv)
+            batcher.conversations.put("c", entry)
+    assert replies == [reference(tiny.model, prompt, params)] * 3
+    assert batcher.stats().reused_tokens > 0
+    # each turn ended in the buffer of the one before, handed back when its keys and values were copied out
+    assert len({kv.untyped_storage().data_ptr() for kv in held}) == 1
 
 
 async def test_bad_prompts_and_a_closed_engine_raise_clear_errors(tiny: LoadedModel) -> None:
