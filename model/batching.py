@@ -77,7 +77,7 @@ class Batcher:
         self.kv = RowKVCache(model.config, max_batch, self.device, weight.dtype)
         # tokens each row has generated, for the repetition penalty: (max_batch, vocab)
         self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=self.device)
-        self.conversations = ConversationCache(cache_bytes)
+        self.conversations = ConversationCache(cache_bytes, max_spares=max_batch)  # a turn ends per row at most
         self.waiting: deque[_Sequence] = deque()
         self.decoding: list[_Sequence] = []
         self.prefilling: _Sequence | None = None

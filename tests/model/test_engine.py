@@ -217,6 +217,12 @@ def test_conversation_cache_hands_out_the_buffers_of_entries_that_left_within_it
     assert len(cache) == 1 and cache.spare_bytes == 0
     assert cache.nbytes + cache.spare_bytes <= cache.max_bytes
 
+    few = ConversationCache(max_bytes=2**20, max_spares=2)
+    for n in (300, 100, 200):
+        few.release(CachedTurn((), torch.empty(n)))
+    assert few.spare_bytes == 4 * (300 + 200)  # the largest two
+    assert [few.buffer(1, torch.float32, torch.device("cpu")).numel() for _ in range(3)] == [200, 300, 1]
+
 
 def test_a_conversations_next_turn_writes_into_its_last_turns_buffer(tiny: LoadedModel) -> None:
     """A fresh buffer of tens of MB costs its page faults at every turn's end; a reused one does not."""

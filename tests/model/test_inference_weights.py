@@ -56,7 +56,7 @@ def test_a_model_whose_weights_fit_the_cache_keeps_mkl_for_one_row_with_wide_lay
         torch.testing.assert_close(small(x[:, :1])[0], model(x[:, :1])[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [(1, 1), (3, 5), (16, 1)])
+@pytest.mark.parametrize("rows", [(1, 1), (3, 5), (16, 1), (17, 1), (7, 11)])  # 17 and 77 rows are padded
 def test_products_give_nn_linears_results(model, prepared, rows):
     for name in ("mlp.c_fc", "mlp.c_proj", "attn.c_attn"):
         layer, reference = prepared.get_submodule(f"transformer.h.0.{name}"), model.get_submodule(f"transformer.h.0.{name}")
