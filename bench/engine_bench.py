@@ -241,6 +241,8 @@ def reference_tokens_per_second(
 
 def single_stream(s: Subject, args: argparse.Namespace) -> dict[str, Any]:
     prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
+    # this shared VM's bandwidth drifts by half within minutes: measure it next to our stream
+    bandwidth = in_thread(args.threads, copy_bandwidth, torch.device(args.device))
     with engine_for(s, args) as engine:
         ours, ours_tokens = engine_tokens_per_second(engine, prompt, args.tokens, s.repeats)
     hf, hf_tokens = in_thread(args.threads, hf_tokens_per_second, s.hf, prompt, args.tokens, s.repeats)
@@ -248,7 +250,7 @@ def single_stream(s: Subject, args: argparse.Namespace) -> dict[str, Any]:
     cached, a = in_thread(args.threads, reference_tokens_per_second, model, prompt, n, True, s.repeats)
     uncached, b = in_thread(args.threads, reference_tokens_per_second, model, prompt, n, False, s.repeats)
     return dict(ours=ours, hf=hf, same_as_hf=ours_tokens == hf_tokens, cached=cached, uncached=uncached,
-                same_cache=a == b == ours_tokens)
+                same_cache=a == b == ours_tokens, bandwidth=bandwidth)
 
 
 def copy_bandwidth(device: torch.device, mib: int = 512, repeats: int = 5) -> float:
@@ -319,7 +321,8 @@ def multi_turn(s: Subject, args: argparse.Namespace) -> dict[str, list[tuple[flo
     with engine_for(s, args) as engine:
         asyncio.run(timed(engine, tokenizer.encode("warm up"), greedy(4)))
         for variant, kept in [("no reuse", True), ("reuse, sliding window", False), ("reuse, bot window", True)]:
-            keys = [f"{variant}-{rep}" if variant != "no reuse" else None for rep in range(s.repeats)]
+            # the median of at least 3 runs of the conversation: one run's turn times are noisy
+            keys = [f"{variant}-{rep}" if variant != "no reuse" else None for rep in range(max(3, s.repeats))]
             runs = [asyncio.run(_conversation(engine, s, params, key, args.turns, kept)) for key in keys]
             out[variant] = [(statistics.median(r[t][0] for r in runs), runs[0][t][1], runs[0][t][2])
                             for t in range(args.turns)]
@@ -528,7 +531,6 @@ def main() -> None:
         args.turns, args.val_conversations = 5, 10
     levels = [int(n) for n in args.concurrency.split(",")]
     val = validation(args.model, args.val_conversations)
-    bandwidth = float("nan")
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as workdir:
@@ -543,13 +545,11 @@ def main() -> None:
             r["precision"] = precisions(s, args, val if s.loaded.name != "gpt2-small" else None)
             r["threads"] = threads(s, args)
             r["rss"] = serving_rss("shipped" if s.loaded.name != "gpt2-small" else "gpt2", args)
-            if len(results) == 1:  # after the shipped model, whose peak RSS should be its own
-                bandwidth = in_thread(args.threads, copy_bandwidth, torch.device(args.device))
 
-    _print(results, args, bandwidth, levels)
+    _print(results, args, levels)
 
 
-def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, bandwidth: float, levels: list[int]) -> None:
+def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, levels: list[int]) -> None:
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {args.device}, "
@@ -561,11 +561,13 @@ def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, bandwid
           [(name, r["single"]["ours"], r["single"]["hf"], r["single"]["ours"] / r["single"]["hf"],
             r["single"]["same_as_hf"], r["single"]["cached"], r["single"]["uncached"],
             r["single"]["cached"] / r["single"]["uncached"], r["single"]["same_cache"]) for name, r in results.items()])
-    table(f"2. Memory-bandwidth limit: copy benchmark {bandwidth / 1e9:.1f} GB/s (read + write); "
+    table("2. Memory-bandwidth limit: copy benchmark (read + write, the best of 5) just before our single stream; "
           "batch-1 tokens/s x weight bytes per token",
-          ["model", "MB/token", "limit tok/s", "ours tok/s", "of limit"],
-          [(name, r["bytes"]["float32"] / 1e6, bandwidth / r["bytes"]["float32"], r["single"]["ours"],
-            f"{r['single']['ours'] * r['bytes']['float32'] / bandwidth:.0%}") for name, r in results.items()])
+          ["model", "copy GB/s", "MB/token", "limit tok/s", "ours tok/s", "of limit"],
+          [(name, r["single"]["bandwidth"] / 1e9, r["bytes"]["float32"] / 1e6,
+            r["single"]["bandwidth"] / r["bytes"]["float32"], r["single"]["ours"],
+            f"{r['single']['ours'] * r['bytes']['float32'] / r['single']['bandwidth']:.0%}")
+           for name, r in results.items()])
     table(f"3. Concurrent conversations: prompts of mixed lengths, arriving one every {args.stagger:g} "
           f"decoding step(s) of a lone stream (the gap), {args.concurrent_tokens} new tokens each, greedy",
           ["model (gap)", "conv.", "system", "tok/s", "vs serial", "TTFT p50 s", "TTFT p95 s", "total s"],
