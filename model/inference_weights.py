@@ -39,7 +39,7 @@ def _row_dot(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 # one of 8 sizes per doubling (at most 1/16 more work), so that prompts of every length share a
 # few dozen shapes and both of its caches (oneDNN's own and ideep's) hold them all. With the
 # default 1,024 entries and every length its own shape, a server's memory grew for minutes as
-# new prompt lengths came (bench/load.py: +26 % RSS in 30 s; now +1 % over 150 s).
+# new prompt lengths came (bench/load.py: +26 % RSS in 30 s; now +2.5 % over 150 s).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "256")
 
