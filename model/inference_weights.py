@@ -52,8 +52,9 @@ def _padded_rows(rows: int) -> int:
 def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weight.T + bias through oneDNN's matmul (the kernel torch's compiler uses for CPU Linears)."""
     rows = x.size(0)
-    if _padded_rows(rows) > rows:
-        x = F.pad(x, (0, 0, 0, _padded_rows(rows) - rows))
+    padded = _padded_rows(rows)
+    if padded > rows:
+        x = F.pad(x, (0, 0, 0, padded - rows))
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")[:rows]
 
 
