@@ -77,7 +77,8 @@ class RowKVCache:
         elements of the flat tensor buffer(numel, dtype, device) gives."""
         n_layer, _, n_head, _, head_dim = self.k.shape
         shape = (2, n_layer, n_head, length, head_dim)
-        kv = buffer(math.prod(shape), self.k.dtype, self.k.device)[: math.prod(shape)].view(shape)
+        numel = math.prod(shape)
+        kv = buffer(numel, self.k.dtype, self.k.device)[:numel].view(shape)
         kv[0].copy_(self.k[:, r, :, :length])
         kv[1].copy_(self.v[:, r, :, :length])
         return kv
