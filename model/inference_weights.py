@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from model.gpt import GPT
+from model.row_step import use_row_steps
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,6 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 ROW_KERNEL_MIN_BYTES = 64 * 2**20
 
 Product = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x (N, in), weight (out, in), bias) -> (N, out)
-
-
-def _row_dot(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (1, in) times weight (out, in): one dot product per contiguous weight row."""
-    y = (x * weight).sum(1).unsqueeze(0)  # (1, out)
-    return y if bias is None else y + bias
 
 
 # oneDNN builds and caches a primitive per product shape. Past 16 rows, rows are padded up to
@@ -65,10 +60,10 @@ class CpuLinear(nn.Module):
     nn.Linear calls MKL, whose sgemm runs the few rows of a batched decoding step slowly on
     this AMD CPU (70-110 GFLOP/s); oneDNN's takes GPT-2 small's 16-row step from 39.7 to
     26.4 ms of block products and its LM head from 29.5 to 16.3 ms (measured). For one row,
-    a large model uses the kernel torch.compile writes for _row_dot, which streams each weight
-    row once at nearly the memory bandwidth (GPT-2 small's stack: 11.2 ms vs oneDNN's 17 and
-    MKL's 21.5); a model that fits the cache keeps MKL's product, with its wide layers stored
-    input-major (in, out), as GPT-2's Conv1D, which MKL streams 1.3x faster for one row.
+    a large model's LM head uses a compiled kernel that streams each weight row once (see
+    model.row_step, which runs its blocks' one-row steps); a model that fits the cache keeps
+    MKL's product, with its wide layers stored input-major (in, out), as GPT-2's Conv1D,
+    which MKL streams 1.3x faster for one row.
     """
 
     def __init__(self, linear: nn.Linear, product: Product, one_row: Product, input_major: bool = False) -> None:
@@ -94,8 +89,8 @@ def prepare(model: GPT, precision: str, row_kernel_min_bytes: int = ROW_KERNEL_M
     """A copy of model for inference in precision; the original is left as it was.
 
     On CPU in float32 every Linear becomes a CpuLinear; a model with at least
-    row_kernel_min_bytes of Linear weights gets the one-row kernel, a smaller one input-major
-    copies of its wide layers (out >= in).
+    row_kernel_min_bytes of Linear weights gets compiled one-row steps (model.row_step), a
+    smaller one input-major copies of its wide layers (out >= in).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -115,7 +110,10 @@ def prepare(model: GPT, precision: str, row_kernel_min_bytes: int = ROW_KERNEL_M
         return model
     product = _cpu_product()
     if sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear)) >= row_kernel_min_bytes:
-        _cpu_linears(model, product, _compiled_row_kernel() or F.linear, input_major=False)
+        _cpu_linears(model, product, F.linear, input_major=False)
+        head_row = use_row_steps(model)
+        if head_row is not None:
+            model.lm_head.one_row = head_row
     else:
         _cpu_linears(model, product, F.linear, input_major=True)
     return model
@@ -133,21 +131,6 @@ def _cpu_product() -> Product:
         reason = str(exc).splitlines()[0]
     log.warning("oneDNN's matrix product is not usable (%s); layers use nn.Linear", reason)
     return F.linear
-
-
-def _compiled_row_kernel() -> Product | None:
-    # dynamic: one kernel for every layer's shape and every model in the process; one compile
-    # per shape would soon pass dynamo's recompile limit, and past it _row_dot runs eagerly,
-    # materialising x * weight: many times slower than a matrix product
-    kernel = torch.compile(_row_dot, dynamic=True)
-    try:
-        with torch.inference_mode():  # compile now, not at a first reply; the LM head has no bias
-            for bias in (torch.zeros(4), None):
-                kernel(torch.zeros(1, 8), torch.zeros(4, 8), bias)
-    except Exception as exc:  # no C++ compiler, say: the matrix product gives the same results
-        log.warning("the one-row kernel could not be compiled (%s); layers use the matrix product", exc)
-        return None
-    return kernel
 
 
 def _cpu_linears(module: nn.Module, product: Product, one_row: Product, input_major: bool) -> None:
