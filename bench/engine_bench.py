@@ -241,16 +241,21 @@ def reference_tokens_per_second(
 
 def single_stream(s: Subject, args: argparse.Namespace) -> dict[str, Any]:
     prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
-    # this shared VM's bandwidth drifts by half within minutes: measure it next to our stream
-    bandwidth = in_thread(args.threads, copy_bandwidth, torch.device(args.device))
+    # this VM's bandwidth drifts by half within seconds: each run of ours comes right after a copy
+    # benchmark, and the fraction of the limit is the median of the runs' own fractions
+    rounds = []
     with engine_for(s, args) as engine:
-        ours, ours_tokens = engine_tokens_per_second(engine, prompt, args.tokens, s.repeats)
+        for _ in range(max(3, s.repeats)):
+            bandwidth = in_thread(args.threads, copy_bandwidth, torch.device(args.device))
+            rounds.append((bandwidth, *engine_tokens_per_second(engine, prompt, args.tokens)))
+    ours_tokens = rounds[-1][2]
     hf, hf_tokens = in_thread(args.threads, hf_tokens_per_second, s.hf, prompt, args.tokens, s.repeats)
     model, n = s.loaded.model, args.tokens
     cached, a = in_thread(args.threads, reference_tokens_per_second, model, prompt, n, True, s.repeats)
     uncached, b = in_thread(args.threads, reference_tokens_per_second, model, prompt, n, False, s.repeats)
-    return dict(ours=ours, hf=hf, same_as_hf=ours_tokens == hf_tokens, cached=cached, uncached=uncached,
-                same_cache=a == b == ours_tokens, bandwidth=bandwidth)
+    return dict(ours=statistics.median(r[1] for r in rounds), hf=hf, same_as_hf=ours_tokens == hf_tokens,
+                cached=cached, uncached=uncached, same_cache=a == b == ours_tokens,
+                rounds=[(bandwidth, speed) for bandwidth, speed, _ in rounds])
 
 
 def copy_bandwidth(device: torch.device, mib: int = 512, repeats: int = 5) -> float:
@@ -561,13 +566,14 @@ def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, levels:
           [(name, r["single"]["ours"], r["single"]["hf"], r["single"]["ours"] / r["single"]["hf"],
             r["single"]["same_as_hf"], r["single"]["cached"], r["single"]["uncached"],
             r["single"]["cached"] / r["single"]["uncached"], r["single"]["same_cache"]) for name, r in results.items()])
-    table("2. Memory-bandwidth limit: copy benchmark (read + write, the best of 5) just before our single stream; "
-          "batch-1 tokens/s x weight bytes per token",
-          ["model", "copy GB/s", "MB/token", "limit tok/s", "ours tok/s", "of limit"],
-          [(name, r["single"]["bandwidth"] / 1e9, r["bytes"]["float32"] / 1e6,
-            r["single"]["bandwidth"] / r["bytes"]["float32"], r["single"]["ours"],
-            f"{r['single']['ours'] * r['bytes']['float32'] / r['single']['bandwidth']:.0%}")
-           for name, r in results.items()])
+    table("2. Memory-bandwidth limit: runs of our single stream, each right after a copy benchmark (read + write, "
+          "the best of 5); batch-1 tokens/s x weight bytes per token over the copy's bytes/s; median of the runs",
+          ["model", "runs", "copy GB/s", "MB/token", "limit tok/s", "ours tok/s", "of limit", "runs' range"],
+          [(name, len(fractions), statistics.median(b for b, _ in r["single"]["rounds"]) / 1e9,
+            r["bytes"]["float32"] / 1e6, statistics.median(b for b, _ in r["single"]["rounds"]) / r["bytes"]["float32"],
+            r["single"]["ours"], f"{statistics.median(fractions):.0%}", f"{min(fractions):.0%}-{max(fractions):.0%}")
+           for name, r in results.items()
+           for fractions in [[speed * r["bytes"]["float32"] / bandwidth for bandwidth, speed in r["single"]["rounds"]]]])
     table(f"3. Concurrent conversations: prompts of mixed lengths, arriving one every {args.stagger:g} "
           f"decoding step(s) of a lone stream (the gap), {args.concurrent_tokens} new tokens each, greedy",
           ["model (gap)", "conv.", "system", "tok/s", "vs serial", "TTFT p50 s", "TTFT p95 s", "total s"],

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from model import row_step
 from model.batching import Batcher, Request
@@ -40,7 +41,7 @@ def sharp(model: GPT, seed: int) -> GPT:
 
 @pytest.fixture(scope="module")
 def prepared(model: GPT) -> GPT:
-    return prepare(model, "float32", row_kernel_min_bytes=0)
+    return prepare(model, "float32")
 
 
 @pytest.fixture
@@ -114,22 +115,23 @@ def test_batches_and_prefills_run_the_blocks_own_code(prepared: GPT, block_calls
 
 def test_after_preparing_serving_compiles_nothing(model: GPT) -> None:
     """A compile at a first reply would cost seconds: prepare compiles for the model's shapes."""
-    fresh = prepare(sharp(GPT(CONFIG).eval(), seed=4), "float32", row_kernel_min_bytes=0)
+    fresh = prepare(sharp(GPT(CONFIG).eval(), seed=4), "float32")
     torch._dynamo.utils.counters.clear()
     served(fresh, [4, 5, 6, 7], replace(GREEDY, max_new_tokens=60))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
-def test_without_the_kernels_the_blocks_are_left_as_they_are(model: GPT, monkeypatch: pytest.MonkeyPatch,
+def test_without_a_compiler_the_layers_run_their_own_code(model: GPT, monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     def fails(*args: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(row_step, "_compiled_head", fails)
     with caplog.at_level("WARNING", logger="model.row_step"):
-        plain = prepare(model, "float32", row_kernel_min_bytes=0)
+        plain = prepare(model, "float32")
     assert "could not be compiled (no C++ compiler)" in caplog.text
     assert not any(isinstance(block, RowStepBlock) for block in plain.transformer.h)
+    assert plain.lm_head.one_row is F.linear
     with torch.inference_mode():
         assert served(plain, [5, 6], replace(GREEDY, max_new_tokens=8)) == list(
             generate_tokens(model, [5, 6], replace(GREEDY, max_new_tokens=8))
