@@ -7,13 +7,15 @@ norms' small ops. torch.compile turns a whole block (layer norms, the four one-r
 products, the key and value store, attention, GELU, residuals) into one C++ function
 with one OpenMP region. Measured side by side on this 2-vCPU machine, same tokens: a
 GPT-2-small-sized step 22.5-28.4 -> 16.3-21.8 ms (reading its weights then at about the
-speed a plain sum reads memory), the shipped model's 1.8 -> 0.9 ms.
+speed a plain sum reads memory), the shipped model's 1.8 -> 0.9 ms (which does not use
+them: see inference_weights.ROW_KERNEL_MIN_BYTES).
 """
 
+import functools
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -56,18 +58,26 @@ def _head_row(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _row_dot(x[0], weight, bias).unsqueeze(0)
 
 
-# torch.compile compiles at the first call: use_row_steps makes that call with the model's shapes
-_compiled_block = torch.compile(_block_row)
-_compiled_head = torch.compile(_head_row)
+class RowSteps(NamedTuple):
+    block: Callable[..., Tensor]  # as _block_row
+    head: Callable[[Tensor, Tensor, Tensor | None], Tensor]  # as _head_row
+
+
+@functools.cache
+def compiled_steps() -> RowSteps:
+    """torch.compile's wrappers of the steps, made at first use: importing the compiler costs
+    a process about 110 MiB. Each compiles at its first call (see use_row_steps)."""
+    return RowSteps(torch.compile(_block_row), torch.compile(_head_row))
 
 
 class RowStepBlock(nn.Module):
     """A Block whose one-token steps of one sequence with at least two positions cached run
     the compiled _block_row; everything else (prefill, batches) runs the Block itself."""
 
-    def __init__(self, block: Block) -> None:
+    def __init__(self, block: Block, step: Callable[..., Tensor]) -> None:
         super().__init__()
         self.block = block
+        self.step = step  # compiled _block_row
         self.layer = block.attn.layer
         attn, mlp = block.attn, block.mlp
         modules = (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj)
@@ -96,7 +106,7 @@ class RowStepBlock(nn.Module):
         # the positions are the one size that changes from step to step: one kernel for all
         torch._dynamo.mark_dynamic(k, 1)
         torch._dynamo.mark_dynamic(v, 1)
-        return _compiled_block(x.view(-1), k, v, *self._weights).view(x.shape)
+        return self.step(x.view(-1), k, v, *self._weights).view(x.shape)
 
 
 def _alias(t: Tensor) -> Tensor:
@@ -117,7 +127,8 @@ def use_row_steps(model: GPT) -> Callable[[Tensor, Tensor, Tensor | None], Tenso
     shapes makes those sizes dynamic (dynamo's automatic dynamic shapes), so compiles stay
     far from dynamo's recompile limit, past which it would run the steps eagerly.
     """
-    blocks = [RowStepBlock(block) for block in model.transformer.h]
+    steps = compiled_steps()
+    blocks = [RowStepBlock(block, steps.block) for block in model.transformer.h]
     config, weight = model.config, model.transformer.wte.weight
     cache = KVCache(config, 1, weight.device, weight.dtype)
     try:
@@ -125,9 +136,9 @@ def use_row_steps(model: GPT) -> Callable[[Tensor, Tensor, Tensor | None], Tenso
             x = torch.zeros(1, 1, config.n_embd, dtype=weight.dtype, device=weight.device)
             for start_pos in (2, 3):  # 1 or 2 positions: sizes dynamo specializes
                 blocks[0](x, cache, start_pos)
-            _compiled_head(x[0], model.lm_head.weight.detach(), None)
+            steps.head(x[0], model.lm_head.weight.detach(), None)
     except Exception as exc:
         log.warning("the one-row kernels could not be compiled (%s); layers use their own code", exc)
         return None
     model.transformer.h = nn.ModuleList(blocks)
-    return _compiled_head
+    return steps.head

@@ -1,5 +1,7 @@
 """A large model's one-row decoding steps: compiled per block, the same tokens as the model, no compile while serving."""
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -41,20 +43,22 @@ def sharp(model: GPT, seed: int) -> GPT:
 
 @pytest.fixture(scope="module")
 def prepared(model: GPT) -> GPT:
-    return prepare(model, "float32")
+    return prepare(model, "float32", row_kernel_min_bytes=0)
 
 
 @pytest.fixture
-def block_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The positions each compiled block step ran with, the kernel itself still running."""
+def block_calls(prepared: GPT, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The positions each of prepared's compiled block steps ran with, the kernel itself still running."""
     calls: list[int] = []
-    compiled = row_step._compiled_block
+    compiled = row_step.compiled_steps().block
 
     def counted(x: torch.Tensor, k: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         calls.append(k.size(1))
         return compiled(x, k, *rest)
 
-    monkeypatch.setattr(row_step, "_compiled_block", counted)
+    for block in prepared.transformer.h:
+        assert block.step is compiled
+        monkeypatch.setattr(block, "step", counted)
     return calls
 
 
@@ -115,7 +119,7 @@ def test_batches_and_prefills_run_the_blocks_own_code(prepared: GPT, block_calls
 
 def test_after_preparing_serving_compiles_nothing(model: GPT) -> None:
     """A compile at a first reply would cost seconds: prepare compiles for the model's shapes."""
-    fresh = prepare(sharp(GPT(CONFIG).eval(), seed=4), "float32")
+    fresh = prepare(sharp(GPT(CONFIG).eval(), seed=4), "float32", row_kernel_min_bytes=0)
     torch._dynamo.utils.counters.clear()
     served(fresh, [4, 5, 6, 7], replace(GREEDY, max_new_tokens=60))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
@@ -126,9 +130,9 @@ def test_without_a_compiler_the_layers_run_their_own_code(model: GPT, monkeypatc
     def fails(*args: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(row_step, "_compiled_head", fails)
+    monkeypatch.setattr(row_step, "compiled_steps", lambda: row_step.RowSteps(fails, fails))
     with caplog.at_level("WARNING", logger="model.row_step"):
-        plain = prepare(model, "float32")
+        plain = prepare(model, "float32", row_kernel_min_bytes=0)
     assert "could not be compiled (no C++ compiler)" in caplog.text
     assert not any(isinstance(block, RowStepBlock) for block in plain.transformer.h)
     assert plain.lm_head.one_row is F.linear
@@ -136,3 +140,18 @@ def test_without_a_compiler_the_layers_run_their_own_code(model: GPT, monkeypatc
         assert served(plain, [5, 6], replace(GREEDY, max_new_tokens=8)) == list(
             generate_tokens(model, [5, 6], replace(GREEDY, max_new_tokens=8))
         )
+
+
+def test_a_model_that_fits_the_cache_leaves_the_compiler_unimported() -> None:
+    """Importing torch's compiler costs a process about 110 MiB: the shipped model's bot does without it."""
+    code = (
+        "import sys\n"
+        "from model.config import GPTConfig\n"
+        "from model.engine import InferenceEngine\n"
+        "from model.gpt import GPT\n"
+        "from model.inference_weights import prepare\n"
+        "prepare(GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval(), 'float32')\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
