@@ -6,9 +6,8 @@ GPT-2 small's step made 49 compiled or library calls plus the attention's and la
 norms' small ops. torch.compile turns a whole block (layer norms, the four one-row
 products, the key and value store, attention, GELU, residuals) into one C++ function
 with one OpenMP region. Measured side by side on this 2-vCPU machine, same tokens: a
-GPT-2-small-sized step 22.5-28.4 -> 16.3-21.8 ms (reading its weights then at about the
-speed a plain sum reads memory), the shipped model's 1.8 -> 0.9 ms (which does not use
-them: see inference_weights.ROW_KERNEL_MIN_BYTES).
+GPT-2-small-sized step 22.5-28.4 -> 16.3-21.8 ms, the shipped model's 1.8 -> 0.9 ms
+(which does not use them: see inference_weights.ROW_KERNEL_MIN_BYTES).
 """
 
 import functools
