@@ -24,7 +24,7 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 
 # Below this many bytes of Linear weights a model's step reads them from the CPU cache and
 # compiled row steps (model.row_step) buy less than they cost: they halve the shipped model's
-# lone-stream step (1.8 -> 0.9 ms, 2 ms a 48-token reply), but its serving process peaks
+# lone-stream step (1.8 -> 0.9 ms, 43 ms over a 48-token reply), but its serving process peaks
 # 143 MiB higher (447 -> 590 MiB: the compiler's own memory) and starts 2 s later.
 ROW_KERNEL_MIN_BYTES = 64 * 2**20
 
