@@ -463,6 +463,14 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> N
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
+def _bandwidth_row(name: str, rounds: list[tuple[float, float]], weight_bytes: int, ours: float) -> tuple[Any, ...]:
+    """Table 2's row from the (copy bytes/s, our tokens/s) of each run."""
+    copy = statistics.median(bandwidth for bandwidth, _ in rounds)
+    fractions = [speed * weight_bytes / bandwidth for bandwidth, speed in rounds]
+    return (name, len(rounds), copy / 1e9, weight_bytes / 1e6, copy / weight_bytes, ours,
+            f"{statistics.median(fractions):.0%}", f"{min(fractions):.0%}-{max(fractions):.0%}")
+
+
 def _turn_rows(
     name: str, turns: dict[str, list[tuple[float, int, int]]], variants: list[str], n: int
 ) -> list[tuple[Any, ...]]:
@@ -569,11 +577,8 @@ def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, levels:
     table("2. Memory-bandwidth limit: runs of our single stream, each right after a copy benchmark (read + write, "
           "the best of 5); batch-1 tokens/s x weight bytes per token over the copy's bytes/s; median of the runs",
           ["model", "runs", "copy GB/s", "MB/token", "limit tok/s", "ours tok/s", "of limit", "runs' range"],
-          [(name, len(fractions), statistics.median(b for b, _ in r["single"]["rounds"]) / 1e9,
-            r["bytes"]["float32"] / 1e6, statistics.median(b for b, _ in r["single"]["rounds"]) / r["bytes"]["float32"],
-            r["single"]["ours"], f"{statistics.median(fractions):.0%}", f"{min(fractions):.0%}-{max(fractions):.0%}")
-           for name, r in results.items()
-           for fractions in [[speed * r["bytes"]["float32"] / bandwidth for bandwidth, speed in r["single"]["rounds"]]]])
+          [_bandwidth_row(name, r["single"]["rounds"], r["bytes"]["float32"], r["single"]["ours"])
+           for name, r in results.items()])
     table(f"3. Concurrent conversations: prompts of mixed lengths, arriving one every {args.stagger:g} "
           f"decoding step(s) of a lone stream (the gap), {args.concurrent_tokens} new tokens each, greedy",
           ["model (gap)", "conv.", "system", "tok/s", "vs serial", "TTFT p50 s", "TTFT p95 s", "total s"],
