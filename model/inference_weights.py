@@ -22,12 +22,6 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("float32", "bfloat16", "int8")
 
 
-# Below this many bytes of Linear weights a model's step reads them from the CPU cache and
-# compiled row steps (model.row_step) buy less than they cost: they halve the shipped model's
-# lone-stream step (1.8 -> 0.9 ms, 43 ms over a 48-token reply), but its serving process peaks
-# 143 MiB higher (447 -> 590 MiB: the compiler's own memory) and starts 2 s later.
-ROW_KERNEL_MIN_BYTES = 64 * 2**20
-
 Product = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x (N, in), weight (out, in), bias) -> (N, out)
 
 
@@ -61,10 +55,9 @@ class CpuLinear(nn.Module):
     nn.Linear calls MKL, whose sgemm runs the few rows of a batched decoding step slowly on
     this AMD CPU (70-110 GFLOP/s); oneDNN's takes GPT-2 small's 16-row step from 39.7 to
     26.4 ms of block products and its LM head from 29.5 to 16.3 ms (measured). For one row,
-    a large model's LM head uses a compiled kernel that streams each weight row once (see
-    model.row_step, which runs its blocks' one-row steps); a model that fits the cache keeps
-    MKL's product, with its wide layers stored input-major (in, out), as GPT-2's Conv1D,
-    which MKL streams 1.3x faster for one row.
+    the LM head uses model.row_step's product (whose blocks run their one-row steps there
+    too); where that cannot be built, MKL's product, with wide layers stored input-major
+    (in, out), as GPT-2's Conv1D, which MKL streams 1.3x faster for one row.
     """
 
     def __init__(self, linear: nn.Linear, product: Product, one_row: Product, input_major: bool = False) -> None:
@@ -74,8 +67,7 @@ class CpuLinear(nn.Module):
         else:
             self.weight = linear.weight  # the same tensor: the tied LM head stays tied
         self.bias = linear.bias
-        # plain tensors over the same memory: oneDNN's product has no autograd, and dynamo keeps
-        # parameters' shapes static, so it would compile the row kernel again for every layer shape
+        # plain tensors over the same memory: oneDNN's product has no autograd
         self._plain = (self.weight.detach(), None if self.bias is None else self.bias.detach())
         self.product = product
         self.one_row = one_row
@@ -86,12 +78,11 @@ class CpuLinear(nn.Module):
         return y.view(*x.shape[:-1], y.size(-1))
 
 
-def prepare(model: GPT, precision: str, row_kernel_min_bytes: int = ROW_KERNEL_MIN_BYTES) -> GPT:
+def prepare(model: GPT, precision: str) -> GPT:
     """A copy of model for inference in precision; the original is left as it was.
 
-    On CPU in float32 every Linear becomes a CpuLinear; a model with at least
-    row_kernel_min_bytes of Linear weights gets compiled one-row steps (model.row_step), a
-    smaller one input-major copies of its wide layers (out >= in).
+    On CPU in float32 every Linear becomes a CpuLinear and a lone stream's decoding steps run
+    model.row_step's blocks; where those cannot be built, the wide layers get input-major copies.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -109,14 +100,10 @@ def prepare(model: GPT, precision: str, row_kernel_min_bytes: int = ROW_KERNEL_M
     model = copy.deepcopy(model, memo=shared)
     if not on_cpu:
         return model
-    product = _cpu_product()
-    if sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear)) >= row_kernel_min_bytes:
-        _cpu_linears(model, product, F.linear, input_major=False)
-        head_row = use_row_steps(model)
-        if head_row is not None:
-            model.lm_head.one_row = head_row
-    else:
-        _cpu_linears(model, product, F.linear, input_major=True)
+    head_row = use_row_steps(model)
+    _cpu_linears(model, _cpu_product(), F.linear, input_major=head_row is None)
+    if head_row is not None:
+        model.lm_head.one_row = head_row
     return model
 
 

@@ -1,24 +1,35 @@
-"""A lone sequence's decoding step on CPU: each transformer block compiled into one kernel.
+"""A lone sequence's decoding step on CPU in float32: each transformer block one call into C.
 
-A step for one new token reads every weight once. Run layer by layer, it also makes a few
-dozen library calls per block, each with its dispatch and its OpenMP threads' wake-up:
-GPT-2 small's step made 49 compiled or library calls plus the attention's and layer
-norms' small ops. torch.compile turns a whole block (layer norms, the four one-row
-products, the key and value store, attention, GELU, residuals) into one C++ function
-with one OpenMP region. Measured side by side on this 2-vCPU machine, same tokens: a
-GPT-2-small-sized step 22.5-28.4 -> 16.3-21.8 ms, the shipped model's 1.8 -> 0.9 ms
-(which does not use them: see inference_weights.ROW_KERNEL_MIN_BYTES).
+A step for one new token reads every weight once; on CPU it is as fast as the weights stream
+from memory, if the arithmetic keeps up and the step does not stop and start too often.
+Layer by layer, GPT-2 small's step made 49 library calls plus the attention's and layer
+norms' small ops, each with its dispatch and its threads' wake-up; torch's compiler fused a
+block into one function, but its one-row products keep one accumulator per row, a chain of
+dependent additions that caps a core near 24-28 GB/s even from the cache. row_step.c runs a
+whole block in one OpenMP region with products that sum four rows at once (eight
+accumulators: 59 GB/s for one core from the cache). Measured side by side, see
+bench/engine_bench.py and the README.
+
+The C file is built at first use with the system's C compiler (about a second) and kept in
+the user's cache directory, keyed by its source, the compiler and this CPU. Its OpenMP
+threads are torch's own (the same libgomp), as many as torch.get_num_threads().
 """
 
+import ctypes
 import functools
+import hashlib
 import logging
-import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+import os
+import platform
+import shlex
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from model.gpt import GPT, Block, KVCache
 
@@ -27,66 +38,69 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BlockWeights = tuple[Tensor, ...]  # ln_1 w, b; c_attn w, b; attn c_proj w, b; ln_2 w, b; c_fc w, b; mlp c_proj w, b
+SOURCE = Path(__file__).with_name("row_step.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
+WEIGHTS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "attn_proj_w", "attn_proj_b",
+           "ln2_w", "ln2_b", "fc_w", "fc_b", "mlp_proj_w", "mlp_proj_b")
 
 
-def _row_dot(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (in,) times weight (out, in): one dot product per contiguous weight row, (out,)."""
-    y = (x * weight).sum(-1)
-    return y if bias is None else y + bias
+class _Block(ctypes.Structure):
+    """row_step.c's Block."""
+
+    _fields_ = [("n_embd", ctypes.c_int64), ("n_head", ctypes.c_int64), *((name, ctypes.c_void_p) for name in WEIGHTS)]
 
 
-def _block_row(x: Tensor, k: Tensor, v: Tensor, *weights: Tensor) -> Tensor:
-    """Block.forward for one token of one sequence: x (C,) at position S-1, whose key and value
-    it stores in the last of k, v (nh, S, hs), the sequence's cache up to and including it."""
-    ln1_w, ln1_b, attn_w, attn_b, attn_proj_w, attn_proj_b, ln2_w, ln2_b, fc_w, fc_b, mlp_proj_w, mlp_proj_b = weights
-    C = x.size(0)
-    n_head, _, head_dim = k.shape
-    q, k[:, -1], v[:, -1] = (
-        t.view(n_head, head_dim) for t in _row_dot(F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w, attn_b).split(C)
-    )
-    scores = (k * q.unsqueeze(1)).sum(-1) / math.sqrt(head_dim)  # (nh, S)
-    y = (torch.softmax(scores, dim=-1).unsqueeze(-1) * v).sum(1).view(C)  # heads re-assembled
-    x = x + _row_dot(y, attn_proj_w, attn_proj_b)
-    h = F.gelu(_row_dot(F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b), approximate="tanh")  # as MLP
-    return x + _row_dot(h, mlp_proj_w, mlp_proj_b)
-
-
-def _head_row(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The LM head (or any Linear) for one row, x (1, in): (1, out)."""
-    return _row_dot(x[0], weight, bias).unsqueeze(0)
-
-
-class RowSteps(NamedTuple):
-    block: Callable[..., Tensor]  # as _block_row
-    head: Callable[[Tensor, Tensor, Tensor | None], Tensor]  # as _head_row
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptbot"
 
 
 @functools.cache
-def compiled_steps() -> RowSteps:
-    """torch.compile's wrappers of the steps, made at first use: importing the compiler costs
-    a process about 110 MiB. Each compiles at its first call (see use_row_steps)."""
-    return RowSteps(torch.compile(_block_row), torch.compile(_head_row))
+def library() -> ctypes.CDLL:
+    """row_step.c built for this machine (-march=native), from the cache where it was built before.
+
+    Raises OSError or subprocess.CalledProcessError where it cannot be built or loaded.
+    """
+    compiler = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    cpu = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu += "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines(True) if line.startswith("flags"))[:4096]
+    key = hashlib.sha256(b"\0".join(s.encode() for s in (SOURCE.read_text(), *compiler, *FLAGS, cpu))).hexdigest()
+    path = cache_dir() / f"row_step-{key[:20]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # then renamed: other processes see it whole
+            built = Path(tmp) / path.name
+            subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                           check=True, capture_output=True, text=True)
+            os.replace(built, path)
+    lib = ctypes.CDLL(str(path))  # ctypes releases the GIL during each call
+    lib.block_step.argtypes = [ctypes.POINTER(_Block), *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3, ctypes.c_int]
+    lib.block_step.restype = ctypes.c_int
+    lib.row_product.argtypes = [*[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.row_product.restype = None
+    return lib
 
 
 class RowStepBlock(nn.Module):
     """A Block whose one-token steps of one sequence with at least two positions cached run
-    the compiled _block_row; everything else (prefill, batches) runs the Block itself."""
+    row_step.c's block_step; everything else (prefill, batches) runs the Block itself."""
 
-    def __init__(self, block: Block, step: Callable[..., Tensor]) -> None:
+    def __init__(self, block: Block, lib: ctypes.CDLL) -> None:
         super().__init__()
         self.block = block
-        self.step = step  # compiled _block_row
         self.layer = block.attn.layer
+        self._lib = lib
         attn, mlp = block.attn, block.mlp
-        modules = (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj)
-        # plain tensors over the parameters' memory, zeros for absent biases: one kernel for either
         weights: list[Tensor] = []
-        for m in modules:
+        for m in (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj):
             weight = m.weight.detach()
-            bias = torch.zeros(weight.size(0), dtype=weight.dtype, device=weight.device) if m.bias is None else m.bias
-            weights += [weight, bias.detach()]
-        self._weights: BlockWeights = tuple(weights)
+            bias = torch.zeros(weight.size(0)) if m.bias is None else m.bias.detach()
+            weights += [weight, bias]
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in weights):
+            raise ValueError("row steps need contiguous float32 weights on CPU")
+        self._weights = tuple(weights)  # keeps the tensors the pointers below point into
+        n_embd = weights[0].size(0)
+        self._block = _Block(n_embd, attn.n_head, *(t.data_ptr() for t in weights))
 
     def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
         if kv_cache is not None and start_pos > 1 and x.shape[:2] == (1, 1):
@@ -101,43 +115,35 @@ class RowStepBlock(nn.Module):
 
     def _step(self, x: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
         """x (1, 1, C) at position pos of k, v (nh, block_size, hs), after the positions before it."""
-        k, v = _alias(k[:, : pos + 1]), _alias(v[:, : pos + 1])
-        # the positions are the one size that changes from step to step: one kernel for all
-        torch._dynamo.mark_dynamic(k, 1)
-        torch._dynamo.mark_dynamic(v, 1)
-        return self.step(x.view(-1), k, v, *self._weights).view(x.shape)
+        if not 0 <= pos < k.size(1) or k.stride() != v.stride() or k.stride(-1) != 1:
+            raise ValueError(f"position {pos} or cache strides {k.stride()} outside what the row step handles")
+        y = x.reshape(-1).clone()  # block_step updates its x in place
+        if self._lib.block_step(ctypes.byref(self._block), y.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                pos, k.stride(0), k.stride(1), torch.get_num_threads()):
+            raise MemoryError("row step: no memory for its scratch space")
+        return y.view(x.shape)
 
 
-def _alias(t: Tensor) -> Tensor:
-    """t as a tensor of its own over the same memory. Given a view, dynamo would also guard the
-    sizes of the tensor it views, which differ between callers (a batch's pool, a lone
-    sequence's cache): each would compile the step again."""
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+def row_product(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (1, in) @ weight.T + bias through row_step.c's product, for a CpuLinear's lone row."""
+    if not (x.is_contiguous() and weight.is_contiguous() and (bias is None or bias.is_contiguous())):
+        raise ValueError("row_product needs contiguous tensors")
+    y = torch.empty(1, weight.size(0))
+    lib.row_product(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                    weight.size(0), weight.size(1), torch.get_num_threads())
+    return y
 
 
-def use_row_steps(model: GPT) -> Callable[[Tensor, Tensor, Tensor | None], Tensor] | None:
-    """Put RowStepBlocks in model's place of its blocks and compile their step for its shapes now,
-    not at a first reply; the one-row product for its LM head. None, and model unchanged,
-    where this machine cannot compile (no C++ compiler, say): the layers' own code gives
-    the same results, slower.
-
-    Compiling takes a few seconds the first time, about one with torch's on-disk cache.
-    Kernels for fixed shapes are the fastest; a second model in the process with other
-    shapes makes those sizes dynamic (dynamo's automatic dynamic shapes), so compiles stay
-    far from dynamo's recompile limit, past which it would run the steps eagerly.
+def use_row_steps(model: GPT) -> functools.partial[Tensor] | None:
+    """Put RowStepBlocks in model's place of its blocks (a float32 model on CPU); the one-row
+    product for its LM head. None, and model unchanged, where this machine cannot build
+    row_step.c (no C compiler, say): the layers' own code gives the same results, slower.
     """
-    steps = compiled_steps()
-    blocks = [RowStepBlock(block, steps.block) for block in model.transformer.h]
-    config, weight = model.config, model.transformer.wte.weight
-    cache = KVCache(config, 1, weight.device, weight.dtype)
     try:
-        with torch.inference_mode():  # as the engine runs
-            x = torch.zeros(1, 1, config.n_embd, dtype=weight.dtype, device=weight.device)
-            for start_pos in (2, 3):  # 1 or 2 positions: sizes dynamo specializes
-                blocks[0](x, cache, start_pos)
-            steps.head(x[0], model.lm_head.weight.detach(), None)
-    except Exception as exc:
-        log.warning("the one-row kernels could not be compiled (%s); layers use their own code", exc)
+        lib = library()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        log.warning("the one-row kernels could not be built (%s); layers use their own code", detail.strip()[:500])
         return None
-    model.transformer.h = nn.ModuleList(blocks)
-    return steps.head
+    model.transformer.h = nn.ModuleList(RowStepBlock(block, lib) for block in model.transformer.h)
+    return functools.partial(row_product, lib)

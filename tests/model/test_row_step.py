@@ -1,8 +1,10 @@
-"""A large model's one-row decoding steps: compiled per block, the same tokens as the model, no compile while serving."""
+"""A lone stream's one-row decoding steps in C (model/row_step.c): the same tokens as the model, and a fallback."""
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +14,12 @@ from model import row_step
 from model.batching import Batcher, Request
 from model.config import GPTConfig
 from model.generate import SamplingParams, generate_tokens
-from model.gpt import GPT
+from model.gpt import GPT, KVCache
 from model.inference_weights import prepare
 from model.kv_pool import RowKVCache
 from model.row_step import RowStepBlock
 
-# 2 layers, a 48-token window: long replies slide it; prepared as a large model (row steps)
+# 2 layers, a 48-token window: long replies slide it
 CONFIG = GPTConfig(vocab_size=700, block_size=48, n_layer=2, n_head=4, n_embd=128)
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.2, max_new_tokens=70)
 
@@ -43,22 +45,25 @@ def sharp(model: GPT, seed: int) -> GPT:
 
 @pytest.fixture(scope="module")
 def prepared(model: GPT) -> GPT:
-    return prepare(model, "float32", row_kernel_min_bytes=0)
+    return prepare(model, "float32")
 
 
 @pytest.fixture
 def block_calls(prepared: GPT, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The positions each of prepared's compiled block steps ran with, the kernel itself still running."""
+    """The positions each of prepared's C block steps ran at, the kernel itself still running."""
     calls: list[int] = []
-    compiled = row_step.compiled_steps().block
+    lib = prepared.transformer.h[0]._lib
 
-    def counted(x: torch.Tensor, k: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        calls.append(k.size(1))
-        return compiled(x, k, *rest)
+    class Counted:
+        def __getattr__(self, name: str) -> object:
+            return getattr(lib, name)
+
+        def block_step(self, *args: object) -> int:
+            calls.append(args[4] + 1)  # positions 0..pos
+            return lib.block_step(*args)
 
     for block in prepared.transformer.h:
-        assert block.step is compiled
-        monkeypatch.setattr(block, "step", counted)
+        monkeypatch.setattr(block, "_lib", Counted())
     return calls
 
 
@@ -79,6 +84,20 @@ def test_every_block_is_a_row_step_block_over_the_models_own_weights(model: GPT,
     assert all(isinstance(block, RowStepBlock) for block in prepared.transformer.h)
     step = prepared.transformer.h[1]
     assert step._weights[2].data_ptr() == model.transformer.h[1].attn.c_attn.weight.data_ptr()  # not a copy
+
+
+def test_a_block_step_gives_the_blocks_output_and_stores_its_key_and_value(model: GPT, prepared: GPT) -> None:
+    torch.manual_seed(5)
+    for layer, (theirs, ours) in enumerate(zip(model.transformer.h, prepared.transformer.h)):
+        caches = [KVCache(CONFIG, 1, torch.device("cpu"), torch.float32) for _ in range(2)]
+        prefix, x = torch.randn(1, 6, CONFIG.n_embd), torch.randn(1, 1, CONFIG.n_embd)
+        with torch.inference_mode():
+            expected = [block(prefix, cache, 0) for block, cache in zip((theirs, ours), caches)]  # own code
+            torch.testing.assert_close(expected[1], expected[0])
+            expected, got = theirs(x, caches[0], 6), ours(x, caches[1], 6)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[1].k[layer], caches[0].k[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[1].v[layer], caches[0].v[layer], rtol=1e-5, atol=1e-5)
 
 
 def test_a_lone_streams_steps_run_the_kernel_and_give_the_models_tokens(
@@ -117,33 +136,77 @@ def test_batches_and_prefills_run_the_blocks_own_code(prepared: GPT, block_calls
     assert block_calls == []
 
 
-def test_after_preparing_serving_compiles_nothing(model: GPT) -> None:
-    """A compile at a first reply would cost seconds: prepare compiles for the model's shapes."""
-    fresh = prepare(sharp(GPT(CONFIG).eval(), seed=4), "float32", row_kernel_min_bytes=0)
-    torch._dynamo.utils.counters.clear()
-    served(fresh, [4, 5, 6, 7], replace(GREEDY, max_new_tokens=60))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
-
-
-def test_without_a_compiler_the_layers_run_their_own_code(model: GPT, monkeypatch: pytest.MonkeyPatch,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
-    def fails(*args: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(row_step, "compiled_steps", lambda: row_step.RowSteps(fails, fails))
-    with caplog.at_level("WARNING", logger="model.row_step"):
-        plain = prepare(model, "float32", row_kernel_min_bytes=0)
-    assert "could not be compiled (no C++ compiler)" in caplog.text
+def test_without_a_c_compiler_the_layers_run_their_own_code(model: GPT, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture,
+                                                              tmp_path: Path) -> None:
+    row_step.library.cache_clear()
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built before
+    try:
+        with caplog.at_level("WARNING", logger="model.row_step"):
+            plain = prepare(model, "float32")
+    finally:
+        row_step.library.cache_clear()
+    assert "the one-row kernels could not be built" in caplog.text and "no-such-cc" in caplog.text
     assert not any(isinstance(block, RowStepBlock) for block in plain.transformer.h)
     assert plain.lm_head.one_row is F.linear
+    assert plain.lm_head.weight.t().is_contiguous()  # MKL's faster layout for one row
     with torch.inference_mode():
         assert served(plain, [5, 6], replace(GREEDY, max_new_tokens=8)) == list(
             generate_tokens(model, [5, 6], replace(GREEDY, max_new_tokens=8))
         )
 
 
-def test_a_model_that_fits_the_cache_leaves_the_compiler_unimported() -> None:
-    """Importing torch's compiler costs a process about 110 MiB: the shipped model's bot does without it."""
+def test_a_compile_error_is_reported_with_the_compilers_message(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture,
+                                                                tmp_path: Path) -> None:
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(row_step, "SOURCE", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    row_step.library.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="model.row_step"):
+            assert row_step.use_row_steps(GPT(CONFIG)) is None
+    finally:
+        row_step.library.cache_clear()
+    assert "could not be built" in caplog.text and "error" in caplog.text
+    assert list((tmp_path / "gptbot").iterdir()) == []  # no half-built library left to load later
+
+
+def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path) -> None:
+    code = (
+        "from model import row_step\n"
+        "row_step.library()\n"
+        "print(sorted(p.name for p in row_step.cache_dir().iterdir()))\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                           env=env) for _ in range(2)]
+    built = list((tmp_path / "gptbot").glob("row_step-*.so"))
+    assert len(built) == 1 and runs[0].stdout == runs[1].stdout == f"{[built[0].name]}\n"
+
+
+def test_row_product_gives_the_linears_result_for_odd_sizes() -> None:
+    """Four rows at a time, sixteen inputs at a time: the rows and inputs left over are summed too."""
+    lib = row_step.library()
+    torch.manual_seed(0)
+    for out_features, in_features in [(1, 1), (3, 17), (4, 16), (7, 33), (1030, 768)]:
+        x, weight, bias = torch.randn(1, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+        torch.testing.assert_close(row_step.row_product(lib, x, weight, bias), F.linear(x, weight, bias),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(row_step.row_product(lib, x, weight, None), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_past_the_cache_is_refused_not_written(prepared: GPT) -> None:
+    cache = KVCache(prepared.config, 1, torch.device("cpu"), torch.float32)
+    x = torch.zeros(1, 1, CONFIG.n_embd)
+    with pytest.raises(ValueError, match="position 48"):
+        prepared.transformer.h[0](x, cache, CONFIG.block_size)
+
+
+def test_serving_leaves_torchs_compiler_unimported() -> None:
+    """Importing torch's compiler costs a process about 110 MiB: the bot does without it."""
     code = (
         "import sys\n"
         "from model.config import GPTConfig\n"
