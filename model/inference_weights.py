@@ -48,19 +48,27 @@ def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")[:rows]
 
 
+# Up to this many rows row_step's product (the weights streamed once, eight sums at a time)
+# beats oneDNN's on this 2-core AVX2 machine, measured side by side over a block's products and
+# the LM head: shipped model 3.3x at 2 rows, 1.55x at 8, 1.09x at 16; GPT-2 small size 1.6x at
+# 2 rows, 1.10x at 8, 0.95x at 16 (bench/engine_bench.py's tables show the effect).
+FEW_ROWS = 8
+
+
 class CpuLinear(nn.Module):
-    """nn.Linear for float32 inference on CPU: oneDNN's matrix product for several rows, a
-    one-row product of the caller's choice for a lone stream's decoding step.
+    """nn.Linear for float32 inference on CPU: oneDNN's matrix product for many rows, another
+    product of the caller's choice for up to few_rows rows.
 
     nn.Linear calls MKL, whose sgemm runs the few rows of a batched decoding step slowly on
     this AMD CPU (70-110 GFLOP/s); oneDNN's takes GPT-2 small's 16-row step from 39.7 to
-    26.4 ms of block products and its LM head from 29.5 to 16.3 ms (measured). For one row,
-    the LM head uses model.row_step's product (whose blocks run their one-row steps there
-    too); where that cannot be built, MKL's product, with wide layers stored input-major
+    26.4 ms of block products and its LM head from 29.5 to 16.3 ms (measured). Up to FEW_ROWS
+    rows (a lone stream, a small batch) model.row_step's product is faster still; where that
+    cannot be built, one row goes through MKL's product, with wide layers stored input-major
     (in, out), as GPT-2's Conv1D, which MKL streams 1.3x faster for one row.
     """
 
-    def __init__(self, linear: nn.Linear, product: Product, one_row: Product, input_major: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, product: Product, few: Product, few_rows: int,
+                 input_major: bool = False) -> None:
         super().__init__()
         if input_major:  # (out, in) view of an (in, out) copy: the tied LM head gets its own
             self.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
@@ -70,11 +78,12 @@ class CpuLinear(nn.Module):
         # plain tensors over the same memory: oneDNN's product has no autograd
         self._plain = (self.weight.detach(), None if self.bias is None else self.bias.detach())
         self.product = product
-        self.one_row = one_row
+        self.few = few
+        self.few_rows = few_rows
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.size(-1)).contiguous()  # (N, in)
-        y = (self.one_row if flat.size(0) == 1 else self.product)(flat, *self._plain)
+        y = (self.few if flat.size(0) <= self.few_rows else self.product)(flat, *self._plain)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
@@ -100,10 +109,11 @@ def prepare(model: GPT, precision: str) -> GPT:
     model = copy.deepcopy(model, memo=shared)
     if not on_cpu:
         return model
-    head_row = use_row_steps(model)
-    _cpu_linears(model, _cpu_product(), F.linear, input_major=head_row is None)
-    if head_row is not None:
-        model.lm_head.one_row = head_row
+    few = use_row_steps(model)
+    if few is None:
+        _cpu_linears(model, _cpu_product(), F.linear, 1, input_major=True)
+    else:
+        _cpu_linears(model, _cpu_product(), few, FEW_ROWS, input_major=False)
     return model
 
 
@@ -121,10 +131,10 @@ def _cpu_product() -> Product:
     return F.linear
 
 
-def _cpu_linears(module: nn.Module, product: Product, one_row: Product, input_major: bool) -> None:
+def _cpu_linears(module: nn.Module, product: Product, few: Product, few_rows: int, input_major: bool) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             wide = input_major and child.out_features >= child.in_features
-            setattr(module, name, CpuLinear(child, product, one_row, input_major=wide))
+            setattr(module, name, CpuLinear(child, product, few, few_rows, input_major=wide))
         else:
-            _cpu_linears(child, product, one_row, input_major)
+            _cpu_linears(child, product, few, few_rows, input_major)

@@ -136,8 +136,57 @@ int block_step(const Block *blk, float *x, float *k, float *v, int64_t pos, int6
     return 0;
 }
 
-/* y (n_out) = x (n_in) times w (n_out, n_in) plus b (NULL: none): a Linear for one row, such as the LM head. */
-void row_product(const float *x, const float *w, const float *b, float *y, int64_t n_out, int64_t n_in, int threads) {
+/* Two rows of x (at x0, x1) times four rows of w (from r0, n_in apart): the eight dot products,
+ * eight independent sums as in rows, each weight vector loaded once for both. */
+static void quad_pair(const float *x0, const float *x1, const float *r0, int64_t n_in, float out[2][4]) {
+    const float *r1 = r0 + n_in, *r2 = r1 + n_in, *r3 = r2 + n_in;
+    vec8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n_in; i += 8) {
+        vec8 xa = load8(x0 + i), xc = load8(x1 + i), w0 = load8(r0 + i), w1 = load8(r1 + i), w2 = load8(r2 + i),
+             w3 = load8(r3 + i);
+        a0 += xa * w0; a1 += xa * w1; a2 += xa * w2; a3 += xa * w3;
+        c0 += xc * w0; c1 += xc * w1; c2 += xc * w2; c3 += xc * w3;
+    }
+    float s[2][4] = {{lanes_sum(a0), lanes_sum(a1), lanes_sum(a2), lanes_sum(a3)},
+                     {lanes_sum(c0), lanes_sum(c1), lanes_sum(c2), lanes_sum(c3)}};
+    for (; i < n_in; i++) {
+        for (int j = 0; j < 4; j++) {
+            s[0][j] += x0[i] * (r0 + j * n_in)[i];
+            s[1][j] += x1[i] * (r0 + j * n_in)[i];
+        }
+    }
+    memcpy(out, s, sizeof s);
+}
+
+/* y (m, n_out) = x (m, n_in) times w (n_out, n_in) plus b (NULL: none): a Linear for a few rows,
+ * such as a batched decoding step (or one row: the LM head). Each thread takes a run of four
+ * weight rows at a time and applies them to every row of x, two at a time, while they sit in
+ * its cache: the weights stream from memory once. */
+void row_product(const float *x, int64_t m, const float *w, const float *b, float *y, int64_t n_out, int64_t n_in,
+                 int threads) {
+    if (m == 1) {
+        #pragma omp parallel num_threads(threads)
+        rows(x, w, b, y, n_out, n_in, STORE);
+        return;
+    }
+    int64_t quads = n_out / 4;
     #pragma omp parallel num_threads(threads)
-    rows(x, w, b, y, n_out, n_in, STORE);
+    {
+        #pragma omp for schedule(static)
+        for (int64_t q = 0; q < quads; q++) {
+            const float *r0 = w + 4 * q * n_in;
+            float s[2][4];
+            for (int64_t row = 0; row < m; row += 2) {
+                const float *x0 = x + row * n_in, *x1 = row + 1 < m ? x0 + n_in : x0;
+                quad_pair(x0, x1, r0, n_in, s);
+                for (int k = 0; k < 2 && row + k < m; k++)
+                    for (int j = 0; j < 4; j++) y[(row + k) * n_out + 4 * q + j] = s[k][j] + (b ? b[4 * q + j] : 0.0f);
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t o = 4 * quads; o < n_out; o++)
+            for (int64_t row = 0; row < m; row++)
+                y[row * n_out + o] = dot(x + row * n_in, w + o * n_in, n_in) + (b ? b[o] : 0.0f);
+    }
 }

@@ -76,7 +76,8 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))  # ctypes releases the GIL during each call
     lib.block_step.argtypes = [ctypes.POINTER(_Block), *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3, ctypes.c_int]
     lib.block_step.restype = ctypes.c_int
-    lib.row_product.argtypes = [*[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.row_product.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int64,
+                                ctypes.c_int]
     lib.row_product.restype = None
     return lib
 
@@ -125,18 +126,18 @@ class RowStepBlock(nn.Module):
 
 
 def row_product(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (1, in) @ weight.T + bias through row_step.c's product, for a CpuLinear's lone row."""
+    """x (N, in) @ weight.T + bias through row_step.c's product, for a CpuLinear's few rows."""
     if not (x.is_contiguous() and weight.is_contiguous() and (bias is None or bias.is_contiguous())):
         raise ValueError("row_product needs contiguous tensors")
-    y = torch.empty(1, weight.size(0))
-    lib.row_product(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+    y = torch.empty(x.size(0), weight.size(0))
+    lib.row_product(x.data_ptr(), x.size(0), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                     weight.size(0), weight.size(1), torch.get_num_threads())
     return y
 
 
 def use_row_steps(model: GPT) -> functools.partial[Tensor] | None:
-    """Put RowStepBlocks in model's place of its blocks (a float32 model on CPU); the one-row
-    product for its LM head. None, and model unchanged, where this machine cannot build
+    """Put RowStepBlocks in model's place of its blocks (a float32 model on CPU); row_product,
+    for its Linears' few-row products. None, and model unchanged, where this machine cannot build
     row_step.c (no C compiler, say): the layers' own code gives the same results, slower.
     """
     try:

@@ -37,14 +37,13 @@ def test_layers_get_onednn_and_row_steps_and_share_the_weights(model, prepared):
     layers = cpu_linears(prepared)
     assert set(layers) == {name.replace(".h.0.", ".h.0.block.") for name in LINEARS}
     assert all(m.product is inference_weights._onednn_product for m in layers.values())
-    assert all(m.one_row is F.linear for name, m in layers.items() if name != "lm_head")  # blocks: see row_step
-    assert prepared.lm_head.one_row.func is row_step.row_product
+    assert all(m.few.func is row_step.row_product and m.few_rows == inference_weights.FEW_ROWS for m in layers.values())
     assert all(isinstance(block, RowStepBlock) for block in prepared.transformer.h)
     assert prepared.lm_head.weight is model.transformer.wte.weight  # tied, and no copy
     assert not cpu_linears(model) and not isinstance(model.transformer.h[0], RowStepBlock)  # the original as it was
 
 
-@pytest.mark.parametrize("rows", [(1, 1), (3, 5), (16, 1), (17, 1), (7, 11)])  # 17 and 77 rows are padded
+@pytest.mark.parametrize("rows", [(1, 1), (2, 3), (8, 1), (9, 1), (3, 5), (16, 1), (17, 1), (7, 11)])  # 17, 77 padded
 def test_products_give_nn_linears_results(model, prepared, rows):
     for name in ("mlp.c_fc", "mlp.c_proj", "attn.c_attn"):
         layer = prepared.get_submodule(f"transformer.h.0.block.{name}")  # in its RowStepBlock

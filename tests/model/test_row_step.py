@@ -149,7 +149,7 @@ def test_without_a_c_compiler_the_layers_run_their_own_code(model: GPT, monkeypa
         row_step.library.cache_clear()
     assert "the one-row kernels could not be built" in caplog.text and "no-such-cc" in caplog.text
     assert not any(isinstance(block, RowStepBlock) for block in plain.transformer.h)
-    assert plain.lm_head.one_row is F.linear
+    assert plain.lm_head.few is F.linear and plain.lm_head.few_rows == 1
     assert plain.lm_head.weight.t().is_contiguous()  # MKL's faster layout for one row
     with torch.inference_mode():
         assert served(plain, [5, 6], replace(GREEDY, max_new_tokens=8)) == list(
@@ -187,12 +187,13 @@ def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path)
     assert len(built) == 1 and runs[0].stdout == runs[1].stdout == f"{[built[0].name]}\n"
 
 
-def test_row_product_gives_the_linears_result_for_odd_sizes() -> None:
-    """Four rows at a time, sixteen inputs at a time: the rows and inputs left over are summed too."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_row_product_gives_the_linears_result_for_odd_sizes(rows: int) -> None:
+    """Four weight rows at a time, two rows of x, eight or sixteen inputs: what is left over is summed too."""
     lib = row_step.library()
-    torch.manual_seed(0)
+    torch.manual_seed(rows)
     for out_features, in_features in [(1, 1), (3, 17), (4, 16), (7, 33), (1030, 768)]:
-        x, weight, bias = torch.randn(1, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+        x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
         torch.testing.assert_close(row_step.row_product(lib, x, weight, bias), F.linear(x, weight, bias),
                                    rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(row_step.row_product(lib, x, weight, None), F.linear(x, weight), rtol=1e-4, atol=1e-4)
