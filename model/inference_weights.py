@@ -48,11 +48,11 @@ def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")[:rows]
 
 
-# Up to this many rows row_step's product (the weights streamed once, eight sums at a time)
+# Up to this many rows row_step's product (the weights streamed once, twelve sums at a time)
 # beats oneDNN's on this 2-core AVX2 machine, measured side by side over a block's products and
-# the LM head: shipped model 3.3x at 2 rows, 1.55x at 8, 1.09x at 16; GPT-2 small size 1.6x at
-# 2 rows, 1.10x at 8, 0.95x at 16 (bench/engine_bench.py's tables show the effect).
-FEW_ROWS = 8
+# the LM head: shipped model 2.85x at 2 rows, 1.65x at 8, 1.19x at 16, 1.06x at 24; GPT-2
+# small size 1.50x at 2 rows, 1.23x at 8, 0.99x at 16 (bench/engine_bench.py shows the effect).
+FEW_ROWS = 16
 
 
 class CpuLinear(nn.Module):

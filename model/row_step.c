@@ -136,32 +136,33 @@ int block_step(const Block *blk, float *x, float *k, float *v, int64_t pos, int6
     return 0;
 }
 
-/* Two rows of x (at x0, x1) times four rows of w (from r0, n_in apart): the eight dot products,
- * eight independent sums as in rows, each weight vector loaded once for both. */
-static void quad_pair(const float *x0, const float *x1, const float *r0, int64_t n_in, float out[2][4]) {
+/* Three rows of x (at x[0..2]) times four rows of w (from r0, n_in apart): twelve dot products,
+ * twelve independent sums, each weight vector read once from the cache for the three. */
+static void quad_triple(const float *const x[3], const float *r0, int64_t n_in, float out[3][4]) {
     const float *r1 = r0 + n_in, *r2 = r1 + n_in, *r3 = r2 + n_in;
-    vec8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+    vec8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    vec8 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
     int64_t i = 0;
     for (; i + 8 <= n_in; i += 8) {
-        vec8 xa = load8(x0 + i), xc = load8(x1 + i), w0 = load8(r0 + i), w1 = load8(r1 + i), w2 = load8(r2 + i),
-             w3 = load8(r3 + i);
-        a0 += xa * w0; a1 += xa * w1; a2 += xa * w2; a3 += xa * w3;
-        c0 += xc * w0; c1 += xc * w1; c2 += xc * w2; c3 += xc * w3;
+        vec8 v = load8(x[0] + i);
+        a0 += v * load8(r0 + i); a1 += v * load8(r1 + i); a2 += v * load8(r2 + i); a3 += v * load8(r3 + i);
+        v = load8(x[1] + i);
+        b0 += v * load8(r0 + i); b1 += v * load8(r1 + i); b2 += v * load8(r2 + i); b3 += v * load8(r3 + i);
+        v = load8(x[2] + i);
+        c0 += v * load8(r0 + i); c1 += v * load8(r1 + i); c2 += v * load8(r2 + i); c3 += v * load8(r3 + i);
     }
-    float s[2][4] = {{lanes_sum(a0), lanes_sum(a1), lanes_sum(a2), lanes_sum(a3)},
+    float s[3][4] = {{lanes_sum(a0), lanes_sum(a1), lanes_sum(a2), lanes_sum(a3)},
+                     {lanes_sum(b0), lanes_sum(b1), lanes_sum(b2), lanes_sum(b3)},
                      {lanes_sum(c0), lanes_sum(c1), lanes_sum(c2), lanes_sum(c3)}};
-    for (; i < n_in; i++) {
-        for (int j = 0; j < 4; j++) {
-            s[0][j] += x0[i] * (r0 + j * n_in)[i];
-            s[1][j] += x1[i] * (r0 + j * n_in)[i];
-        }
-    }
+    for (; i < n_in; i++)
+        for (int k = 0; k < 3; k++)
+            for (int j = 0; j < 4; j++) s[k][j] += x[k][i] * (r0 + j * n_in)[i];
     memcpy(out, s, sizeof s);
 }
 
 /* y (m, n_out) = x (m, n_in) times w (n_out, n_in) plus b (NULL: none): a Linear for a few rows,
  * such as a batched decoding step (or one row: the LM head). Each thread takes a run of four
- * weight rows at a time and applies them to every row of x, two at a time, while they sit in
+ * weight rows at a time and applies them to every row of x, three at a time, while they sit in
  * its cache: the weights stream from memory once. */
 void row_product(const float *x, int64_t m, const float *w, const float *b, float *y, int64_t n_out, int64_t n_in,
                  int threads) {
@@ -176,11 +177,13 @@ void row_product(const float *x, int64_t m, const float *w, const float *b, floa
         #pragma omp for schedule(static)
         for (int64_t q = 0; q < quads; q++) {
             const float *r0 = w + 4 * q * n_in;
-            float s[2][4];
-            for (int64_t row = 0; row < m; row += 2) {
-                const float *x0 = x + row * n_in, *x1 = row + 1 < m ? x0 + n_in : x0;
-                quad_pair(x0, x1, r0, n_in, s);
-                for (int k = 0; k < 2 && row + k < m; k++)
+            float s[3][4];
+            for (int64_t row = 0; row < m; row += 3) {
+                /* the last group may repeat its first row, not stored twice */
+                const float *xs[3] = {x + row * n_in, x + (row + 1 < m ? row + 1 : row) * n_in,
+                                      x + (row + 2 < m ? row + 2 : row) * n_in};
+                quad_triple(xs, r0, n_in, s);
+                for (int k = 0; k < 3 && row + k < m; k++)
                     for (int j = 0; j < 4; j++) y[(row + k) * n_out + 4 * q + j] = s[k][j] + (b ? b[4 * q + j] : 0.0f);
             }
         }

@@ -187,7 +187,7 @@ def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path)
     assert len(built) == 1 and runs[0].stdout == runs[1].stdout == f"{[built[0].name]}\n"
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
 def test_row_product_gives_the_linears_result_for_odd_sizes(rows: int) -> None:
     """Four weight rows at a time, two rows of x, eight or sixteen inputs: what is left over is summed too."""
     lib = row_step.library()
