@@ -7,8 +7,9 @@ norms' small ops, each with its dispatch and its threads' wake-up; torch's compi
 block into one function, but its one-row products keep one accumulator per row, a chain of
 dependent additions that caps a core near 24-28 GB/s even from the cache. row_step.c runs a
 whole block in one OpenMP region with products that sum four rows at once (eight
-accumulators: 59 GB/s for one core from the cache). Measured side by side, see
-bench/engine_bench.py and the README.
+accumulators: 59 GB/s for one core from the cache). Its product also serves a batch of a
+few rows (inference_weights.FEW_ROWS), each weight read once for all of them, faster here
+than oneDNN's. Measured side by side, see bench/engine_bench.py and the README.
 
 The C file is built at first use with the system's C compiler (about a second) and kept in
 the user's cache directory, keyed by its source, the compiler and this CPU. Its OpenMP
