@@ -46,6 +46,7 @@ from model.evaluate import score  # noqa: E402
 from model.generate import SamplingParams, generate_tokens  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.inference_weights import PRECISIONS, CpuLinear, prepare  # noqa: E402
+from model.row_step import PackedLinear  # noqa: E402
 from model.tokenizer import ChatTokenizer  # noqa: E402
 
 T = TypeVar("T")
@@ -279,7 +280,7 @@ def bytes_per_token(model: nn.Module) -> int:
     """
     total = 0
     for module in model.modules():
-        if isinstance(module, (nn.Linear, CpuLinear, nn.LayerNorm)):
+        if isinstance(module, (nn.Linear, CpuLinear, PackedLinear, nn.LayerNorm)):
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         elif isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # int8 weight, fp32 bias
             weight, bias = module.weight(), module.bias()

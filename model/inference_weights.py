@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from model.gpt import GPT
-from model.row_step import use_row_steps
+from model.row_step import use_packed_weights
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +48,17 @@ def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")[:rows]
 
 
-# Up to this many rows row_step's product (the weights streamed once, twelve sums at a time)
-# beats oneDNN's on this 2-core AVX2 machine, measured side by side over a block's products and
-# the LM head: shipped model 2.85x at 2 rows, 1.65x at 8, 1.19x at 16, 1.06x at 24; GPT-2
-# small size 1.50x at 2 rows, 1.23x at 8, 0.99x at 16 (bench/engine_bench.py shows the effect).
-FEW_ROWS = 16
-
-
 class CpuLinear(nn.Module):
-    """nn.Linear for float32 inference on CPU: oneDNN's matrix product for many rows, another
-    product of the caller's choice for up to few_rows rows.
+    """nn.Linear for float32 inference on CPU where model.row_step's kernels cannot be built:
+    oneDNN's matrix product for several rows, MKL's for one.
 
     nn.Linear calls MKL, whose sgemm runs the few rows of a batched decoding step slowly on
-    this AMD CPU (70-110 GFLOP/s); oneDNN's takes GPT-2 small's 16-row step from 39.7 to
-    26.4 ms of block products and its LM head from 29.5 to 16.3 ms (measured). Up to FEW_ROWS
-    rows (a lone stream, a small batch) model.row_step's product is faster still; where that
-    cannot be built, one row goes through MKL's product, with wide layers stored input-major
-    (in, out), as GPT-2's Conv1D, which MKL streams 1.3x faster for one row.
+    AMD CPUs (70-110 GFLOP/s); oneDNN's took GPT-2 small's 16-row step from 39.7 to 26.4 ms of
+    block products and its LM head from 29.5 to 16.3 ms (measured). For one row, wide layers
+    are stored input-major (in, out), as GPT-2's Conv1D, which MKL streams 1.3x faster.
     """
 
-    def __init__(self, linear: nn.Linear, product: Product, few: Product, few_rows: int,
-                 input_major: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, product: Product, input_major: bool) -> None:
         super().__init__()
         if input_major:  # (out, in) view of an (in, out) copy: the tied LM head gets its own
             self.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
@@ -78,20 +68,20 @@ class CpuLinear(nn.Module):
         # plain tensors over the same memory: oneDNN's product has no autograd
         self._plain = (self.weight.detach(), None if self.bias is None else self.bias.detach())
         self.product = product
-        self.few = few
-        self.few_rows = few_rows
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.size(-1)).contiguous()  # (N, in)
-        y = (self.few if flat.size(0) <= self.few_rows else self.product)(flat, *self._plain)
+        y = (F.linear if flat.size(0) == 1 else self.product)(flat, *self._plain)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
 def prepare(model: GPT, precision: str) -> GPT:
     """A copy of model for inference in precision; the original is left as it was.
 
-    On CPU in float32 every Linear becomes a CpuLinear and a lone stream's decoding steps run
-    model.row_step's blocks; where those cannot be built, the wide layers get input-major copies.
+    On CPU in float32 every Linear gets packed weights and model.row_step's products, and a lone
+    stream's decoding steps run its blocks; where those cannot be built, every Linear becomes a
+    CpuLinear. Packed weights (and the fallback's input-major ones) are new memory; the rest is
+    shared with the original.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -104,17 +94,13 @@ def prepare(model: GPT, precision: str) -> GPT:
             return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=False)
     if precision == "bfloat16":
         return copy.deepcopy(model).to(torch.bfloat16)
-    # a new module tree over the same tensors: only input-major layers take new memory
+    # a new module tree over the same tensors: only packed (or input-major) weights take new memory
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     model = copy.deepcopy(model, memo=shared)
     if not on_cpu:
         return model
-    few = use_row_steps(model)
-    product = _cpu_product()
-    if few is None:  # MKL for one row, faster on input-major wide layers
-        _cpu_linears(model, product, F.linear, 1, input_major=True)
-    else:
-        _cpu_linears(model, product, few, FEW_ROWS, input_major=False)
+    if not use_packed_weights(model):
+        _cpu_linears(model, _cpu_product())
     return model
 
 
@@ -132,10 +118,10 @@ def _cpu_product() -> Product:
     return F.linear
 
 
-def _cpu_linears(module: nn.Module, product: Product, few: Product, few_rows: int, input_major: bool) -> None:
+def _cpu_linears(module: nn.Module, product: Product) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            wide = input_major and child.out_features >= child.in_features
-            setattr(module, name, CpuLinear(child, product, few, few_rows, input_major=wide))
+            wide = child.out_features >= child.in_features
+            setattr(module, name, CpuLinear(child, product, input_major=wide))
         else:
-            _cpu_linears(child, product, few, few_rows, input_major)
+            _cpu_linears(child, product)

@@ -1,40 +1,56 @@
-/* A lone sequence's decoding step on CPU, float32: one transformer block per call, and one-row
- * products (the LM head). See row_step.py for why this is C and how it is built and loaded.
+/* Products over packed weights on CPU, float32: a Linear's product for any number of rows, and
+ * a lone sequence's decoding step, one transformer block per call. See row_step.py for why this
+ * is C and how it is built and loaded.
  *
- * A step for one token reads every weight once, so it runs at the speed the weights stream
- * from memory, provided the arithmetic keeps up. Each weight row's dot product with x is a
- * chain of dependent additions; torch's compiler gives every row one accumulator, which caps
- * a core near 24-28 GB/s even from the cache (measured), below what this machine's memory
- * delivers. Here four rows are summed at once with two accumulators each: eight independent
- * chains, which keep up with memory (59 GB/s for one core from the cache, measured).
+ * A Linear's weight (n_out, n_in) is stored as panels of PANEL output columns: (panels, n_in, PANEL),
+ * panels = ceil(n_out / PANEL), the last one padded with zeros. Input i's weights for a panel's
+ * sixteen outputs are one 64-byte run, so a product broadcasts x[r][i], multiplies it by those
+ * weights and adds the result to sixteen sums held in registers: no horizontal sums, the weights
+ * read in order, each weight vector used for every row of a tile while it sits in a register. A
+ * tile of TILE_ROWS rows and TILE_PANELS panels fills the registers with sums (16 ymm registers
+ * with AVX2, 32 zmm with AVX-512). A lone row (a lone stream's step) takes LONE_PANELS panels at
+ * a time: as many independent sums as keep up with memory.
+ *
+ * Row by row, as the weights' (n_out, n_in) layout asks, each output is a dot product whose
+ * vector of sums ends in a horizontal sum, and a batch's rows each load every weight again;
+ * torch's compiler gave each row one accumulator, a chain of dependent additions that capped a
+ * core at 24-28 GB/s even from the cache (measured).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vec8 __attribute__((vector_size(32)));
+enum { PANEL = 16 };
+#ifdef __AVX512F__
+enum { TILE_ROWS = 8, TILE_PANELS = 2, FEW_PANELS = 4, LANES = 16 };
+#else
+enum { TILE_ROWS = 6, TILE_PANELS = 1, FEW_PANELS = 2, LANES = 8 };
+#endif
+enum { LONE_PANELS = 4, MOST_PANELS = 4, PER_PANEL = PANEL / LANES };
+typedef float vec __attribute__((vector_size(LANES * 4)));
 
-static inline vec8 load8(const float *p) {
-    vec8 v;
+static inline vec load(const float *p) {
+    vec v;
     memcpy(&v, p, sizeof v); /* an unaligned vector load */
     return v;
 }
 
-static inline float lanes_sum(vec8 v) {
-    float s = 0.0f;
-    for (int i = 0; i < 8; i++) s += v[i];
-    return s;
+static inline vec splat(float s) { /* a constructor of equal elements: one broadcast instruction */
+#ifdef __AVX512F__
+    return (vec){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+#else
+    return (vec){s, s, s, s, s, s, s, s};
+#endif
 }
 
+/* a . b over n floats: attention's scores */
 static float dot(const float *a, const float *b, int64_t n) {
-    vec8 s0 = {0}, s1 = {0};
+    vec sums = splat(0.0f);
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 += load8(a + i) * load8(b + i);
-        s1 += load8(a + i + 8) * load8(b + i + 8);
-    }
-    float s = lanes_sum(s0 + s1);
+    for (; i + LANES <= n; i += LANES) sums += load(a + i) * load(b + i);
+    float s = 0.0f;
+    for (int j = 0; j < LANES; j++) s += sums[j];
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -51,30 +67,83 @@ static inline void put(float *y, int64_t o, float value, int how) {
     }
 }
 
-/* x (n_in) times w (n_out, n_in, rows contiguous) plus b (NULL: none), into y as `how` says. A worksharing
- * loop: call it inside a parallel region, which it splits into contiguous runs of rows. */
-static void rows(const float *x, const float *w, const float *b, float *y, int64_t n_out, int64_t n_in, int how) {
-    int64_t quads = n_out / 4;
-    #pragma omp for schedule(static)
-    for (int64_t q = 0; q < quads; q++) {
-        const float *r0 = w + 4 * q * n_in, *r1 = r0 + n_in, *r2 = r1 + n_in, *r3 = r2 + n_in;
-        vec8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-        int64_t i = 0;
-        for (; i + 16 <= n_in; i += 16) {
-            vec8 xa = load8(x + i), xc = load8(x + i + 8);
-            a0 += xa * load8(r0 + i); c0 += xc * load8(r0 + i + 8);
-            a1 += xa * load8(r1 + i); c1 += xc * load8(r1 + i + 8);
-            a2 += xa * load8(r2 + i); c2 += xc * load8(r2 + i + 8);
-            a3 += xa * load8(r3 + i); c3 += xc * load8(r3 + i + 8);
-        }
-        float s[4] = {lanes_sum(a0 + c0), lanes_sum(a1 + c1), lanes_sum(a2 + c2), lanes_sum(a3 + c3)};
-        for (; i < n_in; i++) {
-            s[0] += x[i] * r0[i]; s[1] += x[i] * r1[i]; s[2] += x[i] * r2[i]; s[3] += x[i] * r3[i];
-        }
-        for (int j = 0; j < 4; j++) put(y, 4 * q + j, s[j] + (b ? b[4 * q + j] : 0.0f), how);
+/* x's MR rows (ldx apart) times NP panels from p (n_in * PANEL floats apart) into out[r][j*PANEL + c]. */
+#define TILE(MR, NP)                                                                                    \
+    static void tile_##MR##_##NP(const float *x, int64_t ldx, const float *p, int64_t n_in,             \
+                                 float out[][MOST_PANELS * PANEL]) {                                    \
+        enum { V = NP * PER_PANEL };                                                                    \
+        vec acc[MR][V];                                                                                 \
+        for (int r = 0; r < MR; r++)                                                                    \
+            for (int j = 0; j < V; j++) acc[r][j] = splat(0.0f);                                        \
+        for (int64_t k = 0; k < n_in; k++) {                                                            \
+            vec w[V];                                                                                   \
+            for (int j = 0; j < V; j++)                                                                 \
+                w[j] = load(p + (j / PER_PANEL * n_in + k) * PANEL + j % PER_PANEL * LANES);            \
+            for (int r = 0; r < MR; r++) {                                                              \
+                const vec xb = splat(x[r * ldx + k]);                                                   \
+                for (int j = 0; j < V; j++) acc[r][j] += xb * w[j];                                     \
+            }                                                                                           \
+        }                                                                                               \
+        for (int r = 0; r < MR; r++)                                                                    \
+            for (int j = 0; j < V; j++) memcpy(out[r] + j * LANES, &acc[r][j], sizeof acc[r][j]);       \
     }
+/* Every tile packed_rows takes: TILE_ROWS rows or fewer, by TILE_PANELS panels or one (the last
+ * of an odd count); two or three rows by FEW_PANELS; one row by LONE_PANELS. */
+TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(1, 4) TILE(2, 2) TILE(3, 2)
+#ifdef __AVX512F__
+TILE(7, 1) TILE(8, 1)
+TILE(1, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2) TILE(7, 2) TILE(8, 2) TILE(2, 4) TILE(3, 4)
+#endif
+
+typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float[][MOST_PANELS * PANEL]);
+
+static tile_fn tile_for(int mr, int np) {
+#ifdef __AVX512F__
+    static const tile_fn one[] = {tile_1_1, tile_2_1, tile_3_1, tile_4_1, tile_5_1, tile_6_1, tile_7_1, tile_8_1};
+    static const tile_fn two[] = {tile_1_2, tile_2_2, tile_3_2, tile_4_2, tile_5_2, tile_6_2, tile_7_2, tile_8_2};
+    static const tile_fn four[] = {tile_1_4, tile_2_4, tile_3_4};
+    return np == 1 ? one[mr - 1] : np == 2 ? two[mr - 1] : four[mr - 1];
+#else
+    static const tile_fn one[] = {tile_1_1, tile_2_1, tile_3_1, tile_4_1, tile_5_1, tile_6_1};
+    static const tile_fn two[] = {NULL, tile_2_2, tile_3_2};
+    return np == 1 ? one[mr - 1] : np == 2 ? two[mr - 1] : tile_1_4;
+#endif
+}
+
+/* Panels per tile for m rows: enough independent sums to keep the multipliers busy. */
+static int tile_panels(int64_t m) { return m == 1 ? LONE_PANELS : m <= 3 ? FEW_PANELS : TILE_PANELS; }
+
+/* y (m rows, ldy apart) gets x (m rows, ldx apart) times packed weight p (n_out, n_in) plus b
+ * (NULL: none), as `how` says. A worksharing loop: call it inside a parallel region; its threads
+ * take contiguous runs of panels, each applied to every row while it sits in their cache. */
+static void packed_rows(const float *x, int64_t m, int64_t ldx, const float *p, const float *b, float *y, int64_t ldy,
+                        int64_t n_out, int64_t n_in, int how) {
+    const int64_t panels = (n_out + PANEL - 1) / PANEL;
+    const int np = tile_panels(m);
+    const int64_t groups = (panels + np - 1) / np;
+    const int64_t tiles = (m + TILE_ROWS - 1) / TILE_ROWS; /* rows split evenly: 8 as 4 + 4, not 6 + 2 */
     #pragma omp for schedule(static)
-    for (int64_t o = 4 * quads; o < n_out; o++) put(y, o, dot(x, w + o * n_in, n_in) + (b ? b[o] : 0.0f), how);
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t first = g * np;
+        const int n = panels - first < np ? (int)(panels - first) : np;
+        const float *pg = p + first * n_in * PANEL;
+        float out[TILE_ROWS][MOST_PANELS * PANEL];
+        for (int64_t t = 0, row = 0; t < tiles; t++) {
+            const int mr = (int)(m / tiles + (t < m % tiles));
+            if (n == np) {
+                tile_for(mr, np)(x + row * ldx, ldx, pg, n_in, out);
+            } else { /* the last group's panels one by one */
+                for (int j = 0; j < n; j++)
+                    tile_for(mr, 1)(x + row * ldx, ldx, pg + j * n_in * PANEL, n_in,
+                                    (float(*)[MOST_PANELS * PANEL])(out[0] + j * PANEL));
+            }
+            const int64_t col0 = first * PANEL, cols = n_out - col0 < n * PANEL ? n_out - col0 : n * PANEL;
+            for (int r = 0; r < mr; r++)
+                for (int64_t c = 0; c < cols; c++)
+                    put(y + (row + r) * ldy, col0 + c, out[r][c] + (b ? b[col0 + c] : 0.0f), how);
+            row += mr;
+        }
+    }
 }
 
 static void layer_norm(const float *x, const float *weight, const float *bias, float *y, int64_t n) {
@@ -93,7 +162,8 @@ typedef struct {
     const float *ln2_w, *ln2_b, *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
 } Block;
 
-/* Block.forward for one token x (n_embd, updated in place) at position pos of one sequence.
+/* Block.forward for one token x (n_embd, updated in place) at position pos of one sequence, its
+ * four products over packed weights.
  * k and v hold its keys and values, element [h, s, d] at h * head_stride + s * pos_stride + d;
  * the token's own go to position pos. Returns 0, or -1 where memory ran out (x unchanged). */
 int block_step(const Block *blk, float *x, float *k, float *v, int64_t pos, int64_t head_stride,
@@ -107,7 +177,7 @@ int block_step(const Block *blk, float *x, float *k, float *v, int64_t pos, int6
     {
         #pragma omp single
         layer_norm(x, blk->ln1_w, blk->ln1_b, h, C);
-        rows(h, blk->attn_w, blk->attn_b, qkv, 3 * C, C, STORE);
+        packed_rows(h, 1, C, blk->attn_w, blk->attn_b, qkv, 3 * C, 3 * C, C, STORE);
         #pragma omp for schedule(static)
         for (int64_t head = 0; head < n_head; head++) {
             const float *q = qkv + head * hd;
@@ -126,70 +196,19 @@ int block_step(const Block *blk, float *x, float *k, float *v, int64_t pos, int6
                 for (int64_t d = 0; d < hd; d++) out[d] += weight * vs[d];
             }
         }
-        rows(y, blk->attn_proj_w, blk->attn_proj_b, x, C, C, ADD);
+        packed_rows(y, 1, C, blk->attn_proj_w, blk->attn_proj_b, x, C, C, C, ADD);
         #pragma omp single
         layer_norm(x, blk->ln2_w, blk->ln2_b, h, C);
-        rows(h, blk->fc_w, blk->fc_b, f, 4 * C, C, GELU);
-        rows(f, blk->mlp_proj_w, blk->mlp_proj_b, x, C, 4 * C, ADD);
+        packed_rows(h, 1, C, blk->fc_w, blk->fc_b, f, 4 * C, 4 * C, C, GELU);
+        packed_rows(f, 1, 4 * C, blk->mlp_proj_w, blk->mlp_proj_b, x, C, C, 4 * C, ADD);
     }
     free(scratch);
     return 0;
 }
 
-/* Three rows of x (at x[0..2]) times four rows of w (from r0, n_in apart): twelve dot products,
- * twelve independent sums, each weight vector read once from the cache for the three. */
-static void quad_triple(const float *const x[3], const float *r0, int64_t n_in, float out[3][4]) {
-    const float *r1 = r0 + n_in, *r2 = r1 + n_in, *r3 = r2 + n_in;
-    vec8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-    vec8 c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n_in; i += 8) {
-        vec8 v = load8(x[0] + i);
-        a0 += v * load8(r0 + i); a1 += v * load8(r1 + i); a2 += v * load8(r2 + i); a3 += v * load8(r3 + i);
-        v = load8(x[1] + i);
-        b0 += v * load8(r0 + i); b1 += v * load8(r1 + i); b2 += v * load8(r2 + i); b3 += v * load8(r3 + i);
-        v = load8(x[2] + i);
-        c0 += v * load8(r0 + i); c1 += v * load8(r1 + i); c2 += v * load8(r2 + i); c3 += v * load8(r3 + i);
-    }
-    float s[3][4] = {{lanes_sum(a0), lanes_sum(a1), lanes_sum(a2), lanes_sum(a3)},
-                     {lanes_sum(b0), lanes_sum(b1), lanes_sum(b2), lanes_sum(b3)},
-                     {lanes_sum(c0), lanes_sum(c1), lanes_sum(c2), lanes_sum(c3)}};
-    for (; i < n_in; i++)
-        for (int k = 0; k < 3; k++)
-            for (int j = 0; j < 4; j++) s[k][j] += x[k][i] * (r0 + j * n_in)[i];
-    memcpy(out, s, sizeof s);
-}
-
-/* y (m, n_out) = x (m, n_in) times w (n_out, n_in) plus b (NULL: none): a Linear for a few rows,
- * such as a batched decoding step (or one row: the LM head). Each thread takes a run of four
- * weight rows at a time and applies them to every row of x, three at a time, while they sit in
- * its cache: the weights stream from memory once. */
-void row_product(const float *x, int64_t m, const float *w, const float *b, float *y, int64_t n_out, int64_t n_in,
-                 int threads) {
-    if (m == 1) {
-        #pragma omp parallel num_threads(threads)
-        rows(x, w, b, y, n_out, n_in, STORE);
-        return;
-    }
-    int64_t quads = n_out / 4;
+/* y (m, n_out) = x (m, n_in) times packed weight p plus b (NULL: none): a Linear on any number of rows. */
+void packed_product(const float *x, int64_t m, const float *p, const float *b, float *y, int64_t n_out, int64_t n_in,
+                    int threads) {
     #pragma omp parallel num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t q = 0; q < quads; q++) {
-            const float *r0 = w + 4 * q * n_in;
-            float s[3][4];
-            for (int64_t row = 0; row < m; row += 3) {
-                /* the last group may repeat its first row, not stored twice */
-                const float *xs[3] = {x + row * n_in, x + (row + 1 < m ? row + 1 : row) * n_in,
-                                      x + (row + 2 < m ? row + 2 : row) * n_in};
-                quad_triple(xs, r0, n_in, s);
-                for (int k = 0; k < 3 && row + k < m; k++)
-                    for (int j = 0; j < 4; j++) y[(row + k) * n_out + 4 * q + j] = s[k][j] + (b ? b[4 * q + j] : 0.0f);
-            }
-        }
-        #pragma omp for schedule(static)
-        for (int64_t o = 4 * quads; o < n_out; o++)
-            for (int64_t row = 0; row < m; row++)
-                y[row * n_out + o] = dot(x + row * n_in, w + o * n_in, n_in) + (b ? b[o] : 0.0f);
-    }
+    packed_rows(x, m, n_in, p, b, y, n_out, n_out, n_in, STORE);
 }

@@ -1,4 +1,4 @@
-"""The engine's float32 weights on CPU: oneDNN's product for several rows, row_step's for one, same results."""
+"""The engine's float32 weights on CPU: packed, with row_step's products; the fallback's oneDNN and MKL; same results."""
 
 import logging
 
@@ -11,7 +11,7 @@ from model.config import GPTConfig
 from model.generate import SamplingParams, generate_tokens
 from model.gpt import GPT
 from model.inference_weights import CpuLinear, prepare
-from model.row_step import RowStepBlock
+from model.row_step import PackedLinear, RowStepBlock
 
 WIDE = GPTConfig(vocab_size=1024, block_size=64, n_layer=1, n_head=8, n_embd=512)
 LINEARS = {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
@@ -29,21 +29,20 @@ def prepared(model):
     return prepare(model, "float32")
 
 
-def cpu_linears(model: torch.nn.Module) -> dict[str, CpuLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, CpuLinear)}
+def linears(model: torch.nn.Module, kind: type) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
 
 
-def test_layers_get_onednn_and_row_steps_and_share_the_weights(model, prepared):
-    layers = cpu_linears(prepared)
+def test_every_linear_is_packed_and_every_block_steps_in_c(model, prepared):
+    layers = linears(prepared, PackedLinear)
     assert set(layers) == {name.replace(".h.0.", ".h.0.block.") for name in LINEARS}
-    assert all(m.product is inference_weights._onednn_product for m in layers.values())
-    assert all(m.few.func is row_step.row_product and m.few_rows == inference_weights.FEW_ROWS for m in layers.values())
     assert all(isinstance(block, RowStepBlock) for block in prepared.transformer.h)
-    assert prepared.lm_head.weight is model.transformer.wte.weight  # tied, and no copy
-    assert not cpu_linears(model) and not isinstance(model.transformer.h[0], RowStepBlock)  # the original as it was
+    assert prepared.transformer.wte.weight is model.transformer.wte.weight  # the embedding shared
+    assert torch.equal(prepared.lm_head.packed, row_step.pack(model.transformer.wte.weight))  # the tied head packed
+    assert not linears(model, PackedLinear) and not isinstance(model.transformer.h[0], RowStepBlock)  # the original as it was
 
 
-@pytest.mark.parametrize("rows", [(1, 1), (2, 3), (8, 1), (9, 1), (3, 5), (16, 1), (17, 1), (7, 11)])  # 17, 77 padded
+@pytest.mark.parametrize("rows", [(1, 1), (2, 3), (8, 1), (9, 1), (3, 5), (16, 1), (17, 1), (7, 11)])
 def test_products_give_nn_linears_results(model, prepared, rows):
     for name in ("mlp.c_fc", "mlp.c_proj", "attn.c_attn"):
         layer = prepared.get_submodule(f"transformer.h.0.block.{name}")  # in its RowStepBlock
@@ -60,7 +59,31 @@ def test_greedy_decoding_gives_the_same_tokens(model, prepared):
         assert list(generate_tokens(prepared, [5, 6, 7], params)) == expected
 
 
-def test_without_onednn_the_layers_use_nn_linears_product(model, monkeypatch, caplog):
+@pytest.fixture
+def without_kernels(monkeypatch, tmp_path):
+    """prepare as on a machine with no C compiler."""
+    row_step.library.cache_clear()
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    yield
+    row_step.library.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (3, 5), (17, 1)])  # MKL for one row; oneDNN, 17 padded to 18
+def test_without_the_kernels_layers_use_onednn_and_mkl_with_the_same_results(model, without_kernels, rows):
+    plain = prepare(model, "float32")
+    layers = linears(plain, CpuLinear)
+    assert set(layers) == LINEARS and all(m.product is inference_weights._onednn_product for m in layers.values())
+    assert plain.lm_head.weight.t().is_contiguous()  # MKL's faster layout for one row
+    assert plain.transformer.h[0].mlp.c_proj.weight is model.transformer.h[0].mlp.c_proj.weight  # narrowing: shared
+    for name in ("mlp.c_fc", "mlp.c_proj", "attn.c_attn"):
+        with torch.inference_mode():
+            x = torch.randn(*rows, WIDE.n_embd * (4 if name == "mlp.c_proj" else 1))
+            torch.testing.assert_close(plain.get_submodule(f"transformer.h.0.{name}")(x),
+                                       model.get_submodule(f"transformer.h.0.{name}")(x), rtol=1e-4, atol=1e-5)
+
+
+def test_without_onednn_the_layers_use_nn_linears_product(model, without_kernels, monkeypatch, caplog):
     def missing(*args):
         raise RuntimeError("mkldnn::_linear_pointwise: no such operator\nmore detail")
 
@@ -68,7 +91,7 @@ def test_without_onednn_the_layers_use_nn_linears_product(model, monkeypatch, ca
     with caplog.at_level(logging.WARNING, logger="model.inference_weights"):
         plain = prepare(model, "float32")
     assert "oneDNN's matrix product is not usable (mkldnn::_linear_pointwise: no such operator)" in caplog.text
-    assert all(m.product is F.linear for m in cpu_linears(plain).values())
+    assert all(m.product is F.linear for m in linears(plain, CpuLinear).values())
     x = torch.tensor([[1, 2, 3]])
     with torch.inference_mode():
         torch.testing.assert_close(plain(x)[0], model(x)[0], rtol=1e-4, atol=1e-5)

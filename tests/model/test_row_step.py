@@ -1,4 +1,5 @@
-"""A lone stream's one-row decoding steps in C (model/row_step.c): the same tokens as the model, and a fallback."""
+"""Packed weights' products and a lone stream's decoding steps in C (model/row_step.c): the same
+results and tokens as the model, and a fallback."""
 
 import os
 import subprocess
@@ -17,7 +18,7 @@ from model.generate import SamplingParams, generate_tokens
 from model.gpt import GPT, KVCache
 from model.inference_weights import prepare
 from model.kv_pool import RowKVCache
-from model.row_step import RowStepBlock
+from model.row_step import PackedLinear, RowStepBlock
 
 # 2 layers, a 48-token window: long replies slide it
 CONFIG = GPTConfig(vocab_size=700, block_size=48, n_layer=2, n_head=4, n_embd=128)
@@ -80,10 +81,22 @@ def served(model: GPT, prompt: list[int], params: SamplingParams, cache_key: str
     return tokens
 
 
-def test_every_block_is_a_row_step_block_over_the_models_own_weights(model: GPT, prepared: GPT) -> None:
+def test_every_block_is_a_row_step_block_over_packed_copies_of_the_models_weights(model: GPT, prepared: GPT) -> None:
     assert all(isinstance(block, RowStepBlock) for block in prepared.transformer.h)
     step = prepared.transformer.h[1]
-    assert step._weights[2].data_ptr() == model.transformer.h[1].attn.c_attn.weight.data_ptr()  # not a copy
+    linear = model.transformer.h[1].attn.c_attn
+    assert step._weights[2].data_ptr() == step.block.attn.c_attn.packed.data_ptr()
+    assert torch.equal(step._weights[2], row_step.pack(linear.weight))
+    assert step._weights[0].data_ptr() == model.transformer.h[1].ln_1.weight.data_ptr()  # layer norms shared
+    assert isinstance(model.transformer.h[1].attn.c_attn, torch.nn.Linear)  # the original as it was
+
+
+def test_pack_puts_sixteen_outputs_of_one_input_side_by_side() -> None:
+    weight = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)  # 20 outputs: a panel and 4 of another
+    packed = row_step.pack(weight)
+    assert packed.shape == (2, 3, 16)
+    assert torch.equal(packed[0, 1], weight[:16, 1]) and torch.equal(packed[1, 2, :4], weight[16:, 2])
+    assert torch.equal(packed[1, :, 4:], torch.zeros(3, 12))  # padding
 
 
 def test_a_block_step_gives_the_blocks_output_and_stores_its_key_and_value(model: GPT, prepared: GPT) -> None:
@@ -147,9 +160,9 @@ def test_without_a_c_compiler_the_layers_run_their_own_code(model: GPT, monkeypa
             plain = prepare(model, "float32")
     finally:
         row_step.library.cache_clear()
-    assert "the one-row kernels could not be built" in caplog.text and "no-such-cc" in caplog.text
+    assert "the packed-weight kernels could not be built" in caplog.text and "no-such-cc" in caplog.text
     assert not any(isinstance(block, RowStepBlock) for block in plain.transformer.h)
-    assert plain.lm_head.few is F.linear and plain.lm_head.few_rows == 1
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
     assert plain.lm_head.weight.t().is_contiguous()  # MKL's faster layout for one row
     with torch.inference_mode():
         assert served(plain, [5, 6], replace(GREEDY, max_new_tokens=8)) == list(
@@ -167,7 +180,7 @@ def test_a_compile_error_is_reported_with_the_compilers_message(monkeypatch: pyt
     row_step.library.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="model.row_step"):
-            assert row_step.use_row_steps(GPT(CONFIG)) is None
+            assert not row_step.use_packed_weights(GPT(CONFIG))
     finally:
         row_step.library.cache_clear()
     assert "could not be built" in caplog.text and "error" in caplog.text
@@ -187,16 +200,28 @@ def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path)
     assert list((tmp_path / "gptbot").iterdir()) == [built[0][0]]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
-def test_row_product_gives_the_linears_result_for_odd_sizes(rows: int) -> None:
-    """Four weight rows at a time, two rows of x, eight or sixteen inputs: what is left over is summed too."""
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 40])
+def test_packed_products_give_the_linears_result_for_odd_sizes(rows: int) -> None:
+    """Every tile: one row by four panels, two or three rows by two or four, then tiles of up to
+    6 (AVX2) or 8 (AVX-512) rows; panels left over; a partly filled last panel; no bias."""
     lib = row_step.library()
     torch.manual_seed(rows)
-    for out_features, in_features in [(1, 1), (3, 17), (4, 16), (7, 33), (1030, 768)]:
-        x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
-        torch.testing.assert_close(row_step.row_product(lib, x, weight, bias), F.linear(x, weight, bias),
-                                   rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(row_step.row_product(lib, x, weight, None), F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    for out_features, in_features in [(1, 1), (3, 17), (16, 16), (33, 5), (80, 33), (1030, 768)]:
+        for bias in (True, False):
+            linear = torch.nn.Linear(in_features, out_features, bias=bias)
+            x = torch.randn(rows, in_features)
+            with torch.inference_mode():
+                torch.testing.assert_close(PackedLinear(linear, lib)(x), linear(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_packed_linear_keeps_its_inputs_leading_dimensions_and_refuses_other_dtypes() -> None:
+    linear = torch.nn.Linear(24, 40)
+    packed = PackedLinear(linear, row_step.library())
+    x = torch.randn(2, 5, 24).transpose(0, 1)  # not contiguous
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="float32"):
+            packed(x.double())
 
 
 def test_a_step_past_the_cache_is_refused_not_written(prepared: GPT) -> None:
