@@ -203,13 +203,13 @@ async def serve_model(settings: Settings, host: str, port: int) -> None:
     from model.completions_server import completions_app, serving
     from model.engine import InferenceEngine
 
-    loaded = await load_local_model(settings)
-    engine = InferenceEngine(loaded, **engine_options(settings))
+    # the engine keeps its own copy of the weights (packed on CPU): the loaded model is not kept
+    engine = InferenceEngine(await load_local_model(settings), **engine_options(settings))
     key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
     try:
         try:
             async with serving(completions_app(engine, api_key=key), host, port) as url:
-                print(f"Serving {loaded.name} at {url}/v1 (Ctrl-C stops).", flush=True)
+                print(f"Serving {engine.loaded.name} at {url}/v1 (Ctrl-C stops).", flush=True)
                 await asyncio.Event().wait()
         except OSError as exc:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc

@@ -435,10 +435,10 @@ def serving_rss(which: str, args: argparse.Namespace) -> float:
 
 
 def rss_probe(which: str, args: argparse.Namespace) -> None:
-    loaded = our_model(which, args)
+    # the engine keeps its own copy of the weights (packed on CPU): the loaded model is not kept
+    engine = InferenceEngine(our_model(which, args), torch_threads=args.threads, max_batch=32)
     rng = random.Random(0)
-    prompts = [random_prompt(loaded.tokenizer.vocab_size, rng.randint(16, 128), rng) for _ in range(32)]
-    engine = InferenceEngine(loaded, torch_threads=args.threads, max_batch=32)
+    prompts = [random_prompt(engine.loaded.tokenizer.vocab_size, rng.randint(16, 128), rng) for _ in range(32)]
     asyncio.run(concurrent(engine, prompts, [0.0] * 32, 64))
     engine.close()
     print(_peak_rss_mib())
