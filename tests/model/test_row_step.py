@@ -1,9 +1,12 @@
 """Packed weights' products and a lone stream's decoding steps in C (model/row_step.c): the same
 results and tokens as the model, and a fallback."""
 
+import ctypes
 import os
+import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -200,11 +203,30 @@ def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path)
     assert list((tmp_path / "gptbot").iterdir()) == [built[0][0]]
 
 
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ctypes.CDLL]:
+    """row_step.c as built for this CPU, and built without AVX-512: the AVX2 tiles, whatever this CPU has."""
+    if request.param == "native":
+        yield row_step.library()
+        return
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX2 build is for x86-64")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(row_step, "FLAGS", (*row_step.FLAGS, "-mno-avx512f"))
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("avx2")))
+    row_step.library.cache_clear()
+    try:
+        yield row_step.library()
+    finally:
+        row_step.library.cache_clear()
+        patch.undo()
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 40])
-def test_packed_products_give_the_linears_result_for_odd_sizes(rows: int) -> None:
+def test_packed_products_give_the_linears_result_for_odd_sizes(kernels: ctypes.CDLL, rows: int) -> None:
     """Every tile: one row by four panels, two or three rows by two or four, then tiles of up to
     6 (AVX2) or 8 (AVX-512) rows; panels left over; a partly filled last panel; no bias."""
-    lib = row_step.library()
+    lib = kernels
     torch.manual_seed(rows)
     for out_features, in_features in [(1, 1), (3, 17), (16, 16), (33, 5), (80, 33), (1030, 768)]:
         for bias in (True, False):
