@@ -117,6 +117,20 @@ class PackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class PackedEmbedding(nn.Module):
+    """A tied token embedding read from the LM head's packed weight, where token t's row is
+    output t's column, so that the model keeps one copy of the table, not two (GPT-2 small's
+    is 154 MB). A token's lookup gathers n_embd floats 64 bytes apart: at most a few MB for a
+    prompt, against a step's hundreds of MB of weights."""
+
+    def __init__(self, head: PackedLinear) -> None:
+        super().__init__()
+        self.weight = head.packed  # the same Parameter; the model's device and dtype are read here
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.weight[idx // PANEL, :, idx % PANEL]  # (..., n_embd)
+
+
 class RowStepBlock(nn.Module):
     """A Block (its Linears PackedLinears) whose one-token steps of one sequence with at least two
     positions cached run row_step.c's block_step; everything else (prefill, batches) runs the
@@ -164,9 +178,8 @@ class RowStepBlock(nn.Module):
 
 
 def use_packed_weights(model: GPT) -> bool:
-    """Put PackedLinears in place of model's Linears (a float32 model on CPU; the tied LM head
-    gets its own packed copy, the embedding keeps its rows) and RowStepBlocks in place of its
-    blocks. False, and model unchanged, where this machine cannot build row_step.c (no C
+    """Put PackedLinears in place of model's Linears (a float32 model on CPU), a PackedEmbedding
+    in place of an embedding tied to the LM head, and RowStepBlocks in place of its blocks. False, and model unchanged, where this machine cannot build row_step.c (no C
     compiler, say).
     """
     try:
@@ -175,7 +188,10 @@ def use_packed_weights(model: GPT) -> bool:
         detail = getattr(exc, "stderr", None) or str(exc)
         log.warning("the packed-weight kernels could not be built (%s); layers use their own code", detail.strip()[:500])
         return False
+    tied = model.lm_head.weight is model.transformer.wte.weight
     _pack_linears(model, lib)
+    if tied:
+        model.transformer.wte = PackedEmbedding(model.lm_head)
     model.transformer.h = nn.ModuleList(RowStepBlock(block, lib) for block in model.transformer.h)
     return True
 

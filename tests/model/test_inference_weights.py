@@ -1,5 +1,6 @@
 """The engine's float32 weights on CPU: packed, with row_step's products; the fallback's oneDNN and MKL; same results."""
 
+import copy
 import logging
 
 import pytest
@@ -11,7 +12,7 @@ from model.config import GPTConfig
 from model.generate import SamplingParams, generate_tokens
 from model.gpt import GPT
 from model.inference_weights import CpuLinear, prepare
-from model.row_step import PackedLinear, RowStepBlock
+from model.row_step import PackedEmbedding, PackedLinear, RowStepBlock
 
 WIDE = GPTConfig(vocab_size=1024, block_size=64, n_layer=1, n_head=8, n_embd=512)
 LINEARS = {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
@@ -37,9 +38,28 @@ def test_every_linear_is_packed_and_every_block_steps_in_c(model, prepared):
     layers = linears(prepared, PackedLinear)
     assert set(layers) == {name.replace(".h.0.", ".h.0.block.") for name in LINEARS}
     assert all(isinstance(block, RowStepBlock) for block in prepared.transformer.h)
-    assert prepared.transformer.wte.weight is model.transformer.wte.weight  # the embedding shared
     assert torch.equal(prepared.lm_head.packed, row_step.pack(model.transformer.wte.weight))  # the tied head packed
+    assert prepared.transformer.wpe.weight is model.transformer.wpe.weight  # the rest shared
+    assert isinstance(prepared.transformer.wte, PackedEmbedding)  # the embedding read from the head's copy
+    assert prepared.transformer.wte.weight is prepared.lm_head.packed
     assert not linears(model, PackedLinear) and not isinstance(model.transformer.h[0], RowStepBlock)  # the original as it was
+
+
+def test_the_packed_embedding_gives_the_embeddings_rows(model, prepared):
+    ids = torch.tensor([[0, 15, 16, 17], [500, 1000, 1023, 1008]])  # panels' edges, the last token
+    with torch.inference_mode():
+        assert torch.equal(prepared.transformer.wte(ids), model.transformer.wte(ids))
+
+
+def test_an_untied_head_is_packed_and_the_embedding_kept(model):
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone() * 2)
+    packed = prepare(untied, "float32")
+    assert isinstance(packed.transformer.wte, torch.nn.Embedding)
+    assert packed.transformer.wte.weight is untied.transformer.wte.weight
+    x = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x)[0], untied(x)[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [(1, 1), (2, 3), (8, 1), (9, 1), (3, 5), (16, 1), (17, 1), (7, 11)])
