@@ -40,13 +40,13 @@ sys.path.insert(0, str(ROOT))
 from bot.prompt import PromptTemplate, Turn, build_prompt  # noqa: E402
 from model.checkpoint import LoadedModel, export_gpt2, load_model  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
+from model.cpu_kernels import PackedLinear  # noqa: E402
 from model.data import load_corpus, split_by_conversation  # noqa: E402
 from model.engine import InferenceEngine, leave_threads_to_the_engine  # noqa: E402
 from model.evaluate import score  # noqa: E402
 from model.generate import SamplingParams, generate_tokens  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.inference_weights import PRECISIONS, CpuLinear, prepare  # noqa: E402
-from model.row_step import PackedLinear  # noqa: E402
 from model.tokenizer import ChatTokenizer  # noqa: E402
 
 T = TypeVar("T")

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from model.cpu_kernels import use_packed_weights
 from model.gpt import GPT
-from model.row_step import use_packed_weights
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class CpuLinear(nn.Module):
-    """nn.Linear for float32 inference on CPU where model.row_step's kernels cannot be built:
+    """nn.Linear for float32 inference on CPU where model.cpu_kernels's kernels cannot be built:
     oneDNN's matrix product for several rows, MKL's for one.
 
     nn.Linear calls MKL, whose sgemm runs the few rows of a batched decoding step slowly on
@@ -78,7 +78,7 @@ class CpuLinear(nn.Module):
 def prepare(model: GPT, precision: str) -> GPT:
     """A copy of model for inference in precision; the original is left as it was.
 
-    On CPU in float32 every Linear gets packed weights and model.row_step's products, and a lone
+    On CPU in float32 every Linear gets packed weights and model.cpu_kernels's products, and a lone
     stream's decoding steps run its blocks; where those cannot be built, every Linear becomes a
     CpuLinear. Packed weights (and the fallback's input-major ones) are new memory; the rest is
     shared with the original.

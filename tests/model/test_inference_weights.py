@@ -1,4 +1,4 @@
-"""The engine's float32 weights on CPU: packed, with row_step's products; the fallback's oneDNN and MKL; same results."""
+"""The engine's float32 weights on CPU: packed, with cpu_kernels' products; the fallback's oneDNN and MKL; same results."""
 
 import copy
 import logging
@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import inference_weights, row_step
+from model import cpu_kernels, inference_weights
+from model.cpu_kernels import PackedEmbedding, PackedLinear, RowStepBlock
 from model.config import GPTConfig
 from model.generate import SamplingParams, generate_tokens
 from model.gpt import GPT
 from model.inference_weights import CpuLinear, prepare
-from model.row_step import PackedEmbedding, PackedLinear, RowStepBlock
 
 WIDE = GPTConfig(vocab_size=1024, block_size=64, n_layer=1, n_head=8, n_embd=512)
 LINEARS = {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
@@ -38,7 +38,7 @@ def test_every_linear_is_packed_and_every_block_steps_in_c(model, prepared):
     layers = linears(prepared, PackedLinear)
     assert set(layers) == {name.replace(".h.0.", ".h.0.block.") for name in LINEARS}
     assert all(isinstance(block, RowStepBlock) for block in prepared.transformer.h)
-    assert torch.equal(prepared.lm_head.packed, row_step.pack(model.transformer.wte.weight))  # the tied head packed
+    assert torch.equal(prepared.lm_head.packed, cpu_kernels.pack(model.transformer.wte.weight))  # the tied head packed
     assert prepared.transformer.wpe.weight is model.transformer.wpe.weight  # the rest shared
     assert isinstance(prepared.transformer.wte, PackedEmbedding)  # the embedding read from the head's copy
     assert prepared.transformer.wte.weight is prepared.lm_head.packed
@@ -82,11 +82,11 @@ def test_greedy_decoding_gives_the_same_tokens(model, prepared):
 @pytest.fixture
 def without_kernels(monkeypatch, tmp_path):
     """prepare as on a machine with no C compiler."""
-    row_step.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     yield
-    row_step.library.cache_clear()
+    cpu_kernels.library.cache_clear()
 
 
 @pytest.mark.parametrize("rows", [(1, 1), (3, 5), (17, 1)])  # MKL for one row; oneDNN, 17 padded to 18

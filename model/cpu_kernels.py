@@ -1,9 +1,9 @@
 """Float32 products on CPU over packed weights, and a lone sequence's decoding step with each
 transformer block one call into C.
 
-A Linear's weight (out, in) is stored in row_step.c's panels, sixteen outputs' weights for one
+A Linear's weight (out, in) is stored in cpu_kernels.c's panels, sixteen outputs' weights for one
 input side by side, so that its product keeps whole tiles of sums in registers and reads each
-weight once for all the rows of a batch (see row_step.c). Measured side by side over GPT-2
+weight once for all the rows of a batch (see cpu_kernels.c). Measured side by side over GPT-2
 small's block products, it runs a 16-row decoding step 2.1x faster than oneDNN's product on
 the unpacked weights, 8 rows 2.7x, one row 2.2x, and a 256-token prefill 1.1x (AVX-512 host;
 bench/engine_bench.py shows the effect in the engine). Row by row, as the (out, in) layout
@@ -43,15 +43,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("row_step.c")
-PANEL = 16  # row_step.c's PANEL: outputs per panel
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+PANEL = 16  # cpu_kernels.c's PANEL: outputs per panel
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
 WEIGHTS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "attn_proj_w", "attn_proj_b",
            "ln2_w", "ln2_b", "fc_w", "fc_b", "mlp_proj_w", "mlp_proj_b")
 
 
 class _Block(ctypes.Structure):
-    """row_step.c's Block."""
+    """cpu_kernels.c's Block."""
 
     _fields_ = [("n_embd", ctypes.c_int64), ("n_head", ctypes.c_int64), *((name, ctypes.c_void_p) for name in WEIGHTS)]
 
@@ -62,7 +62,7 @@ def cache_dir() -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """row_step.c built for this machine (-march=native), from the cache where it was built before.
+    """cpu_kernels.c built for this machine (-march=native), from the cache where it was built before.
 
     Raises OSError or subprocess.CalledProcessError where it cannot be built or loaded.
     """
@@ -71,7 +71,7 @@ def library() -> ctypes.CDLL:
     if os.path.exists("/proc/cpuinfo"):
         cpu += "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines(True) if line.startswith("flags"))[:4096]
     key = hashlib.sha256(b"\0".join(s.encode() for s in (SOURCE.read_text(), *compiler, *FLAGS, cpu))).hexdigest()
-    path = cache_dir() / f"row_step-{key[:20]}.so"
+    path = cache_dir() / f"cpu_kernels-{key[:20]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # then renamed: other processes see it whole
@@ -89,14 +89,14 @@ def library() -> ctypes.CDLL:
 
 
 def pack(weight: Tensor) -> Tensor:
-    """weight (out, in) in row_step.c's panels: (ceil(out / PANEL), in, PANEL), the last padded with zeros."""
+    """weight (out, in) in cpu_kernels.c's panels: (ceil(out / PANEL), in, PANEL), the last padded with zeros."""
     out_features, in_features = weight.shape
     padded = F.pad(weight.detach(), (0, 0, 0, -out_features % PANEL))
     return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear for float32 inference on CPU: its weight packed (pack), its product row_step.c's,
+    """nn.Linear for float32 inference on CPU: its weight packed (pack), its product cpu_kernels.c's,
     for one row or a batch's or a prompt's."""
 
     def __init__(self, linear: nn.Linear, lib: ctypes.CDLL) -> None:
@@ -133,7 +133,7 @@ class PackedEmbedding(nn.Module):
 
 class RowStepBlock(nn.Module):
     """A Block (its Linears PackedLinears) whose one-token steps of one sequence with at least two
-    positions cached run row_step.c's block_step; everything else (prefill, batches) runs the
+    positions cached run cpu_kernels.c's block_step; everything else (prefill, batches) runs the
     Block itself."""
 
     def __init__(self, block: Block, lib: ctypes.CDLL) -> None:
@@ -179,7 +179,7 @@ class RowStepBlock(nn.Module):
 
 def use_packed_weights(model: GPT) -> bool:
     """Put PackedLinears in place of model's Linears (a float32 model on CPU), a PackedEmbedding
-    in place of an embedding tied to the LM head, and RowStepBlocks in place of its blocks. False, and model unchanged, where this machine cannot build row_step.c (no C
+    in place of an embedding tied to the LM head, and RowStepBlocks in place of its blocks. False, and model unchanged, where this machine cannot build cpu_kernels.c (no C
     compiler, say).
     """
     try:

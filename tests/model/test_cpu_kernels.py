@@ -1,4 +1,4 @@
-"""Packed weights' products and a lone stream's decoding steps in C (model/row_step.c): the same
+"""Packed weights' products and a lone stream's decoding steps in C (model/cpu_kernels.c): the same
 results and tokens as the model, and a fallback."""
 
 import ctypes
@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import row_step
+from model import cpu_kernels
 from model.batching import Batcher, Request
 from model.config import GPTConfig
+from model.cpu_kernels import PackedLinear, RowStepBlock
 from model.generate import SamplingParams, generate_tokens
 from model.gpt import GPT, KVCache
 from model.inference_weights import prepare
 from model.kv_pool import RowKVCache
-from model.row_step import PackedLinear, RowStepBlock
 
 # 2 layers, a 48-token window: long replies slide it
 CONFIG = GPTConfig(vocab_size=700, block_size=48, n_layer=2, n_head=4, n_embd=128)
@@ -89,14 +89,14 @@ def test_every_block_is_a_row_step_block_over_packed_copies_of_the_models_weight
     step = prepared.transformer.h[1]
     linear = model.transformer.h[1].attn.c_attn
     assert step._weights[2].data_ptr() == step.block.attn.c_attn.packed.data_ptr()
-    assert torch.equal(step._weights[2], row_step.pack(linear.weight))
+    assert torch.equal(step._weights[2], cpu_kernels.pack(linear.weight))
     assert step._weights[0].data_ptr() == model.transformer.h[1].ln_1.weight.data_ptr()  # layer norms shared
     assert isinstance(model.transformer.h[1].attn.c_attn, torch.nn.Linear)  # the original as it was
 
 
 def test_pack_puts_sixteen_outputs_of_one_input_side_by_side() -> None:
     weight = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)  # 20 outputs: a panel and 4 of another
-    packed = row_step.pack(weight)
+    packed = cpu_kernels.pack(weight)
     assert packed.shape == (2, 3, 16)
     assert torch.equal(packed[0, 1], weight[:16, 1]) and torch.equal(packed[1, 2, :4], weight[16:, 2])
     assert torch.equal(packed[1, :, 4:], torch.zeros(3, 12))  # padding
@@ -155,14 +155,14 @@ def test_batches_and_prefills_run_the_blocks_own_code(prepared: GPT, block_calls
 def test_without_a_c_compiler_the_layers_run_their_own_code(model: GPT, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture,
                                                               tmp_path: Path) -> None:
-    row_step.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built before
     try:
-        with caplog.at_level("WARNING", logger="model.row_step"):
+        with caplog.at_level("WARNING", logger="model.cpu_kernels"):
             plain = prepare(model, "float32")
     finally:
-        row_step.library.cache_clear()
+        cpu_kernels.library.cache_clear()
     assert "the packed-weight kernels could not be built" in caplog.text and "no-such-cc" in caplog.text
     assert not any(isinstance(block, RowStepBlock) for block in plain.transformer.h)
     assert not any(isinstance(m, PackedLinear) for m in plain.modules())
@@ -178,20 +178,20 @@ def test_a_compile_error_is_reported_with_the_compilers_message(monkeypatch: pyt
                                                                 tmp_path: Path) -> None:
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(row_step, "SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    row_step.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="model.row_step"):
-            assert not row_step.use_packed_weights(GPT(CONFIG))
+        with caplog.at_level("WARNING", logger="model.cpu_kernels"):
+            assert not cpu_kernels.use_packed_weights(GPT(CONFIG))
     finally:
-        row_step.library.cache_clear()
+        cpu_kernels.library.cache_clear()
     assert "could not be built" in caplog.text and "error" in caplog.text
     assert list((tmp_path / "gptbot").iterdir()) == []  # no half-built library left to load later
 
 
 def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path) -> None:
-    code = "from model import row_step\nprint(row_step.library()._name)\n"
+    code = "from model import cpu_kernels\nprint(cpu_kernels.library()._name)\n"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     built = []
     for _ in range(2):
@@ -205,20 +205,20 @@ def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path)
 
 @pytest.fixture(scope="module", params=["native", "avx2"])
 def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ctypes.CDLL]:
-    """row_step.c as built for this CPU, and built without AVX-512: the AVX2 tiles, whatever this CPU has."""
+    """cpu_kernels.c as built for this CPU, and built without AVX-512: the AVX2 tiles, whatever this CPU has."""
     if request.param == "native":
-        yield row_step.library()
+        yield cpu_kernels.library()
         return
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the AVX2 build is for x86-64")
     patch = pytest.MonkeyPatch()
-    patch.setattr(row_step, "FLAGS", (*row_step.FLAGS, "-mno-avx512f"))
+    patch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-mno-avx512f"))
     patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("avx2")))
-    row_step.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
-        yield row_step.library()
+        yield cpu_kernels.library()
     finally:
-        row_step.library.cache_clear()
+        cpu_kernels.library.cache_clear()
         patch.undo()
 
 
@@ -238,7 +238,7 @@ def test_packed_products_give_the_linears_result_for_odd_sizes(kernels: ctypes.C
 
 def test_a_packed_linear_keeps_its_inputs_leading_dimensions_and_refuses_other_dtypes() -> None:
     linear = torch.nn.Linear(24, 40)
-    packed = PackedLinear(linear, row_step.library())
+    packed = PackedLinear(linear, cpu_kernels.library())
     x = torch.randn(2, 5, 24).transpose(0, 1)  # not contiguous
     with torch.inference_mode():
         torch.testing.assert_close(packed(x), linear(x), rtol=1e-4, atol=1e-4)

@@ -1,5 +1,5 @@
 /* Products over packed weights on CPU, float32: a Linear's product for any number of rows, and
- * a lone sequence's decoding step, one transformer block per call. See row_step.py for why this
+ * a lone sequence's decoding step, one transformer block per call. See cpu_kernels.py for why this
  * is C and how it is built and loaded.
  *
  * A Linear's weight (n_out, n_in) is stored as panels of PANEL output columns: (panels, n_in, PANEL),
@@ -155,7 +155,7 @@ static void layer_norm(const float *x, const float *weight, const float *bias, f
     for (int64_t i = 0; i < n; i++) y[i] = ((float)(x[i] - mean)) * scale * weight[i] + bias[i];
 }
 
-/* Mirrored by row_step._Block: a block's sizes and weights (absent biases as zeros). */
+/* Mirrored by cpu_kernels._Block: a block's sizes and weights (absent biases as zeros). */
 typedef struct {
     int64_t n_embd, n_head;
     const float *ln1_w, *ln1_b, *attn_w, *attn_b, *attn_proj_w, *attn_proj_b;
