@@ -79,6 +79,9 @@ def library() -> ctypes.CDLL:
             subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
                            check=True, capture_output=True, text=True)
             os.replace(built, path)
+        for stale in path.parent.glob("*.so"):  # earlier versions' builds (row_step-*: the old name)
+            if stale != path and stale.name.startswith(("cpu_kernels-", "row_step-")):
+                stale.unlink(missing_ok=True)  # a process that loaded it keeps its mapping
     lib = ctypes.CDLL(str(path))  # ctypes releases the GIL during each call
     lib.block_step.argtypes = [ctypes.POINTER(_Block), *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3, ctypes.c_int]
     lib.block_step.restype = ctypes.c_int

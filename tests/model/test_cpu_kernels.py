@@ -193,6 +193,9 @@ def test_a_compile_error_is_reported_with_the_compilers_message(monkeypatch: pyt
 def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path) -> None:
     code = "from model import cpu_kernels\nprint(cpu_kernels.library()._name)\n"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    (tmp_path / "gptbot").mkdir()
+    for stale in ("row_step-0123.so", "cpu_kernels-4567.so"):  # builds of earlier versions
+        (tmp_path / "gptbot" / stale).write_bytes(b"")
     built = []
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
@@ -200,7 +203,7 @@ def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path)
         path = Path(done.stdout.strip())
         built.append((path, path.stat().st_ino, path.stat().st_mtime_ns))
     assert built[0] == built[1]  # the same file, not built and renamed into place again
-    assert list((tmp_path / "gptbot").iterdir()) == [built[0][0]]
+    assert list((tmp_path / "gptbot").iterdir()) == [built[0][0]]  # the stale builds removed
 
 
 @pytest.fixture(scope="module", params=["native", "avx2"])
