@@ -1,5 +1,5 @@
 /* Products over packed weights on CPU, float32: a Linear's product for any number of rows, and
- * a lone sequence's decoding step, one transformer block per call. See cpu_kernels.py for why this
+ * a decoding step of one or more sequences, one transformer block per call. See cpu_kernels.py for why this
  * is C and how it is built and loaded.
  *
  * A Linear's weight (n_out, n_in) is stored as panels of PANEL output columns: (panels, n_in, PANEL),
@@ -162,45 +162,57 @@ typedef struct {
     const float *ln2_w, *ln2_b, *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
 } Block;
 
-/* Block.forward for one token x (n_embd, updated in place) at position pos of one sequence, its
- * four products over packed weights.
- * k and v hold its keys and values, element [h, s, d] at h * head_stride + s * pos_stride + d;
- * the token's own go to position pos. Returns 0, or -1 where memory ran out (x unchanged). */
-int block_step(const Block *blk, float *x, float *k, float *v, int64_t pos, int64_t head_stride,
-               int64_t pos_stride, int threads) {
-    const int64_t C = blk->n_embd, n_head = blk->n_head, hd = C / n_head, S = pos + 1;
-    float *scratch = malloc(sizeof(float) * (9 * C + n_head * S));
+/* One head of one row's attention: q (hd) against the keys and values of positions 0..S-1 at
+ * kh, vh (pos_stride apart), with p (S) for the scores, into out (hd). */
+static void attend(const float *q, const float *kh, const float *vh, int64_t S, int64_t pos_stride, int64_t hd,
+                   float scale, float *p, float *out) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        p[s] = dot(q, kh + s * pos_stride, hd) * scale;
+        top = p[s] > top ? p[s] : top;
+    }
+    for (int64_t s = 0; s < S; s++) total += (p[s] = expf(p[s] - top));
+    memset(out, 0, sizeof(float) * hd);
+    for (int64_t s = 0; s < S; s++) {
+        const float weight = p[s] / total, *vs = vh + s * pos_stride;
+        for (int64_t d = 0; d < hd; d++) out[d] += weight * vs[d];
+    }
+}
+
+/* Block.decode_rows for one new token of each of B sequences, x (B, n_embd; updated in place):
+ * row b's token at position pos[b], after positions 0..pos[b]-1, its keys and values at
+ * k + b * row_stride and v + b * row_stride, element [h, s, d] at h * head_stride + s * pos_stride + d;
+ * the token's own go to position pos[b]. The products take all B rows at once; attention, one
+ * row and head at a time, sees each row's own positions. Returns 0, or -1 where memory ran out
+ * (x unchanged). */
+int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, float *k, float *v, int64_t row_stride,
+               int64_t head_stride, int64_t pos_stride, int threads) {
+    const int64_t C = blk->n_embd, n_head = blk->n_head, hd = C / n_head;
+    int64_t S = 1; /* the longest row's positions */
+    for (int64_t b = 0; b < B; b++) S = pos[b] + 1 > S ? pos[b] + 1 : S;
+    float *scratch = malloc(sizeof(float) * (B * 9 * C + B * n_head * S));
     if (scratch == NULL) return -1;
-    float *h = scratch, *qkv = h + C, *y = qkv + 3 * C, *f = y + C, *scores = f + 4 * C;
+    float *h = scratch, *qkv = h + B * C, *y = qkv + B * 3 * C, *f = y + B * C, *scores = f + B * 4 * C;
     const float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel num_threads(threads)
     {
-        #pragma omp single
-        layer_norm(x, blk->ln1_w, blk->ln1_b, h, C);
-        packed_rows(h, 1, C, blk->attn_w, blk->attn_b, qkv, 3 * C, 3 * C, C, STORE);
         #pragma omp for schedule(static)
-        for (int64_t head = 0; head < n_head; head++) {
-            const float *q = qkv + head * hd;
-            float *kh = k + head * head_stride, *vh = v + head * head_stride, *p = scores + head * S, *out = y + head * hd;
-            memcpy(kh + pos * pos_stride, qkv + C + head * hd, sizeof(float) * hd);
-            memcpy(vh + pos * pos_stride, qkv + 2 * C + head * hd, sizeof(float) * hd);
-            float top = -INFINITY, total = 0.0f;
-            for (int64_t s = 0; s < S; s++) {
-                p[s] = dot(q, kh + s * pos_stride, hd) * scale;
-                top = p[s] > top ? p[s] : top;
-            }
-            for (int64_t s = 0; s < S; s++) total += (p[s] = expf(p[s] - top));
-            memset(out, 0, sizeof(float) * hd);
-            for (int64_t s = 0; s < S; s++) {
-                const float weight = p[s] / total, *vs = vh + s * pos_stride;
-                for (int64_t d = 0; d < hd; d++) out[d] += weight * vs[d];
-            }
+        for (int64_t b = 0; b < B; b++) layer_norm(x + b * C, blk->ln1_w, blk->ln1_b, h + b * C, C);
+        packed_rows(h, B, C, blk->attn_w, blk->attn_b, qkv, 3 * C, 3 * C, C, STORE);
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * n_head; i++) {
+            const int64_t b = i / n_head, head = i % n_head;
+            const float *q = qkv + b * 3 * C + head * hd;
+            float *kh = k + b * row_stride + head * head_stride, *vh = v + b * row_stride + head * head_stride;
+            memcpy(kh + pos[b] * pos_stride, q + C, sizeof(float) * hd);
+            memcpy(vh + pos[b] * pos_stride, q + 2 * C, sizeof(float) * hd);
+            attend(q, kh, vh, pos[b] + 1, pos_stride, hd, scale, scores + i * S, y + b * C + head * hd);
         }
-        packed_rows(y, 1, C, blk->attn_proj_w, blk->attn_proj_b, x, C, C, C, ADD);
-        #pragma omp single
-        layer_norm(x, blk->ln2_w, blk->ln2_b, h, C);
-        packed_rows(h, 1, C, blk->fc_w, blk->fc_b, f, 4 * C, 4 * C, C, GELU);
-        packed_rows(f, 1, 4 * C, blk->mlp_proj_w, blk->mlp_proj_b, x, C, C, 4 * C, ADD);
+        packed_rows(y, B, C, blk->attn_proj_w, blk->attn_proj_b, x, C, C, C, ADD);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) layer_norm(x + b * C, blk->ln2_w, blk->ln2_b, h + b * C, C);
+        packed_rows(h, B, C, blk->fc_w, blk->fc_b, f, 4 * C, 4 * C, C, GELU);
+        packed_rows(f, B, 4 * C, blk->mlp_proj_w, blk->mlp_proj_b, x, C, C, 4 * C, ADD);
     }
     free(scratch);
     return 0;

@@ -9,10 +9,11 @@ the unpacked weights, 8 rows 2.7x, one row 2.2x, and a 256-token prefill 1.1x (A
 bench/engine_bench.py shows the effect in the engine). Row by row, as the (out, in) layout
 asks, every output ends in a horizontal sum and a batch loads each weight once per row.
 
-A lone stream's step reads every weight once; on CPU it is as fast as the weights stream from
-memory, if the step does not stop and start too often. Layer by layer, GPT-2 small's step made
-49 library calls plus the attention's and layer norms' small ops, each with its dispatch and its
-threads' wake-up; block_step runs a whole block in one OpenMP region.
+A decoding step reads every weight once; on CPU a lone stream's is as fast as the weights
+stream from memory, if the step does not stop and start too often. Layer by layer, GPT-2
+small's step made 49 library calls plus the attention's and layer norms' small ops, each with
+its dispatch and its threads' wake-up; block_rows runs a whole block, for one row or a batch's,
+in one OpenMP region, attention included.
 
 The C file is built at first use with the system's C compiler (about a second) and kept in
 the user's cache directory, keyed by its source, the compiler and this CPU. Its OpenMP
@@ -83,8 +84,9 @@ def library() -> ctypes.CDLL:
             if stale != path and stale.name.startswith(("cpu_kernels-", "row_step-")):
                 stale.unlink(missing_ok=True)  # a process that loaded it keeps its mapping
     lib = ctypes.CDLL(str(path))  # ctypes releases the GIL during each call
-    lib.block_step.argtypes = [ctypes.POINTER(_Block), *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 3, ctypes.c_int]
-    lib.block_step.restype = ctypes.c_int
+    lib.block_rows.argtypes = [ctypes.POINTER(_Block), ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3,
+                               *[ctypes.c_int64] * 3, ctypes.c_int]
+    lib.block_rows.restype = ctypes.c_int
     lib.packed_product.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int64,
                                    ctypes.c_int64, ctypes.c_int]
     lib.packed_product.restype = None
@@ -135,9 +137,9 @@ class PackedEmbedding(nn.Module):
 
 
 class RowStepBlock(nn.Module):
-    """A Block (its Linears PackedLinears) whose one-token steps of one sequence with at least two
-    positions cached run cpu_kernels.c's block_step; everything else (prefill, batches) runs the
-    Block itself."""
+    """A Block (its Linears PackedLinears) whose decoding steps run cpu_kernels.c's block_rows,
+    one call a block: a batch's (decode_rows), and a lone sequence's one-token steps with at
+    least two positions cached; prefills run the Block itself."""
 
     def __init__(self, block: Block, lib: ctypes.CDLL) -> None:
         super().__init__()
@@ -160,22 +162,25 @@ class RowStepBlock(nn.Module):
 
     def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
         if kv_cache is not None and start_pos > 1 and x.shape[:2] == (1, 1):
-            return self._step(x, kv_cache.k[self.layer][0], kv_cache.v[self.layer][0], start_pos)
+            pos = torch.tensor([start_pos])
+            return self._rows(x, kv_cache.k[self.layer], kv_cache.v[self.layer], pos)
         return self.block(x, kv_cache, start_pos)
 
     def decode_rows(self, x: Tensor, cache: "RowKVCache", pos: Tensor, mask: Tensor) -> Tensor:
-        own = mask.size(-1) - 1  # one row: its token's position, and the mask hides nothing
-        if x.size(0) == 1 and own > 1:
-            return self._step(x, cache.k[self.layer, 0], cache.v[self.layer, 0], own)
-        return self.block.decode_rows(x, cache, pos, mask)
+        return self._rows(x, cache.k[self.layer], cache.v[self.layer], pos)
 
-    def _step(self, x: Tensor, k: Tensor, v: Tensor, pos: int) -> Tensor:
-        """x (1, 1, C) at position pos of k, v (nh, block_size, hs), after the positions before it."""
-        if not 0 <= pos < k.size(1) or k.stride() != v.stride() or k.stride(-1) != 1:
-            raise ValueError(f"position {pos} or cache strides {k.stride()} outside what the row step handles")
-        y = x.reshape(-1).clone()  # block_step updates its x in place
-        if self._lib.block_step(ctypes.byref(self._block), y.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                pos, k.stride(0), k.stride(1), torch.get_num_threads()):
+    def _rows(self, x: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """x (B, 1, C): row b's token at position pos[b] of k[b], v[b] (nh, block_size, hs), after
+        the positions before it; block_rows stores its key and value there."""
+        B = x.size(0)
+        pos = pos.to(torch.int64).contiguous()
+        last = int(pos.max())
+        if (not 0 <= int(pos.min()) <= last < k.size(2) or k.size(0) < B or k.stride() != v.stride()
+                or k.stride(-1) != 1):
+            raise ValueError(f"positions up to {last} or cache strides {k.stride()} outside what a row step handles")
+        y = x.reshape(B, -1).clone(memory_format=torch.contiguous_format)  # block_rows updates it in place
+        if self._lib.block_rows(ctypes.byref(self._block), y.data_ptr(), B, pos.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                k.stride(0), k.stride(1), k.stride(2), torch.get_num_threads()):
             raise MemoryError("row step: no memory for its scratch space")
         return y.view(x.shape)
 

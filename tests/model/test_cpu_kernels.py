@@ -53,18 +53,20 @@ def prepared(model: GPT) -> GPT:
 
 
 @pytest.fixture
-def block_calls(prepared: GPT, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The positions each of prepared's C block steps ran at, the kernel itself still running."""
-    calls: list[int] = []
+def block_calls(prepared: GPT, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The positions each of prepared's C block steps ran at, a list per call (one a row), the
+    kernel itself still running."""
+    calls: list[list[int]] = []
     lib = prepared.transformer.h[0]._lib
 
     class Counted:
         def __getattr__(self, name: str) -> object:
             return getattr(lib, name)
 
-        def block_step(self, *args: object) -> int:
-            calls.append(args[4] + 1)  # positions 0..pos
-            return lib.block_step(*args)
+        def block_rows(self, *args: object) -> int:
+            rows, positions = args[2], ctypes.cast(args[3], ctypes.POINTER(ctypes.c_int64))
+            calls.append([positions[i] for i in range(rows)])
+            return lib.block_rows(*args)
 
     for block in prepared.transformer.h:
         monkeypatch.setattr(block, "_lib", Counted())
@@ -123,8 +125,8 @@ def test_a_lone_streams_steps_run_the_kernel_and_give_the_models_tokens(
     with torch.inference_mode():
         expected = list(generate_tokens(model, prompt, GREEDY))
     assert served(prepared, prompt, GREEDY) == expected  # 70 tokens: the 48-token window slides
-    assert len(block_calls) >= CONFIG.n_layer * 50
-    assert max(block_calls) == CONFIG.block_size  # up to the window's last position
+    assert len(block_calls) >= CONFIG.n_layer * 50 and all(len(rows) == 1 for rows in block_calls)
+    assert max(rows[0] for rows in block_calls) == CONFIG.block_size - 1  # up to the window's last position
 
 
 def test_the_next_turn_of_a_conversation_runs_its_last_prompt_token_through_the_kernel(
@@ -140,16 +142,46 @@ def test_the_next_turn_of_a_conversation_runs_its_last_prompt_token_through_the_
         expected = list(generate_tokens(model, second, params))
     assert served(prepared, second, params, "c", batcher) == expected
     assert batcher.stats().reused_tokens == len(second) - 1
-    assert block_calls[: CONFIG.n_layer] == [len(second)] * CONFIG.n_layer  # the prompt's last token
+    assert block_calls[: CONFIG.n_layer] == [[len(second) - 1]] * CONFIG.n_layer  # the prompt's last token
 
 
-def test_batches_and_prefills_run_the_blocks_own_code(prepared: GPT, block_calls: list[int]) -> None:
-    kv = RowKVCache(prepared.config, 3, torch.device("cpu"), torch.float32)
+def test_a_batched_step_runs_the_kernel_with_each_rows_own_positions(model: GPT, prepared: GPT,
+                                                                      block_calls: list[list[int]]) -> None:
+    """Rows of different lengths in one step give the logits of the model's own batched step,
+    and each row's new key and value land at its own position; prefills run the block's code."""
+    caches = [RowKVCache(CONFIG, 3, torch.device("cpu"), torch.float32) for _ in range(2)]
+    prompts = [[4, 5, 6], list(range(10, 30)), [7]]
     with torch.inference_mode():
-        prepared.forward_last(torch.tensor([[4, 5, 6]]), kv.row(0), 0)  # a prefill of three tokens
-        prepared.forward_last(torch.tensor([[4, 5, 6]]), kv.row(1), 0)
-        prepared.decode_rows(torch.tensor([7, 8]), torch.tensor([3, 3]), kv)  # two rows
-    assert block_calls == []
+        for m, kv in zip((model, prepared), caches):
+            for row, prompt in enumerate(prompts):
+                m.forward_last(torch.tensor([prompt]), kv.row(row), 0)
+        assert block_calls == []  # prefills
+        tokens, pos = torch.tensor([8, 9, 10]), torch.tensor([3, 20, 1])
+        expected = model.decode_rows(tokens, pos, caches[0])
+        got = prepared.decode_rows(tokens, pos, caches[1])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1].k[:, :, :, :21], caches[0].k[:, :, :, :21], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].v[:, :, :, :21], caches[0].v[:, :, :, :21], rtol=1e-5, atol=1e-5)
+    assert block_calls == [[3, 20, 1]] * CONFIG.n_layer
+
+
+def test_a_busy_batch_gives_each_prompt_its_tokens_alone(model: GPT, prepared: GPT,
+                                                          block_calls: list[list[int]]) -> None:
+    prompts = [[5, 6], list(range(40, 75)), [9] * 11]  # the second slides the 48-token window
+    with torch.inference_mode():
+        expected = [list(generate_tokens(model, p, GREEDY)) for p in prompts]
+    batcher = Batcher(prepared, max_batch=3, cache_bytes=0, prefill_chunk=16)
+    requests = [Request(prompt_ids=p, params=GREEDY) for p in prompts]
+    for request in requests:
+        batcher.add(request)
+    tokens: dict[int, list[int]] = {id(r): [] for r in requests}
+    with torch.inference_mode():
+        while not batcher.idle:
+            for request, item in batcher.step():
+                if isinstance(item, int):
+                    tokens[id(request)].append(item)
+    assert [tokens[id(r)] for r in requests] == expected
+    assert max(len(rows) for rows in block_calls) == 3
 
 
 def test_without_a_c_compiler_the_layers_run_their_own_code(model: GPT, monkeypatch: pytest.MonkeyPatch,
@@ -251,9 +283,13 @@ def test_a_packed_linear_keeps_its_inputs_leading_dimensions_and_refuses_other_d
 
 def test_a_step_past_the_cache_is_refused_not_written(prepared: GPT) -> None:
     cache = KVCache(prepared.config, 1, torch.device("cpu"), torch.float32)
-    x = torch.zeros(1, 1, CONFIG.n_embd)
-    with pytest.raises(ValueError, match="position 48"):
+    x = torch.ones(1, 1, CONFIG.n_embd)
+    with pytest.raises(ValueError, match="positions up to 48"):
         prepared.transformer.h[0](x, cache, CONFIG.block_size)
+    pool = RowKVCache(CONFIG, 2, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="positions up to 48"):
+        prepared.transformer.h[0].decode_rows(x.expand(2, 1, -1), pool, torch.tensor([3, 48]), torch.zeros(0))
+    assert pool.k.count_nonzero() == 0 and pool.v.count_nonzero() == 0
 
 
 def test_serving_leaves_torchs_compiler_unimported() -> None:
