@@ -165,6 +165,25 @@ def test_a_batched_step_runs_the_kernel_with_each_rows_own_positions(model: GPT,
     assert block_calls == [[3, 20, 1]] * CONFIG.n_layer
 
 
+def test_the_kernels_gelu_matches_torchs_over_a_wide_range() -> None:
+    """The MLP's pre-activations spread over about -12..12, where GELU's tanh saturates."""
+    wide = sharp(GPT(CONFIG).eval(), seed=4)
+    with torch.no_grad():
+        for block in wide.transformer.h:
+            block.mlp.c_fc.weight.mul_(60)
+    prepared = prepare(wide, "float32")
+    caches = [RowKVCache(CONFIG, 2, torch.device("cpu"), torch.float32) for _ in range(2)]
+    with torch.inference_mode():
+        pre = wide.transformer.h[0].mlp.c_fc(wide.transformer.h[0].ln_2(torch.randn(64, CONFIG.n_embd)))
+        assert pre.min() < -9 and pre.max() > 9
+        for m, kv in zip((wide, prepared), caches):
+            for row in range(2):
+                m.forward_last(torch.tensor([[3 + row, 4, 5]]), kv.row(row), 0)
+        expected = wide.decode_rows(torch.tensor([6, 7]), torch.tensor([3, 3]), caches[0])
+        got = prepared.decode_rows(torch.tensor([6, 7]), torch.tensor([3, 3]), caches[1])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_busy_batch_gives_each_prompt_its_tokens_alone(model: GPT, prepared: GPT,
                                                           block_calls: list[list[int]]) -> None:
     prompts = [[5, 6], list(range(40, 75)), [9] * 11]  # the second slides the 48-token window
