@@ -327,8 +327,9 @@ def multi_turn(s: Subject, args: argparse.Namespace) -> dict[str, list[tuple[flo
     with engine_for(s, args) as engine:
         asyncio.run(timed(engine, tokenizer.encode("warm up"), greedy(4)))
         for variant, kept in [("no reuse", True), ("reuse, sliding window", False), ("reuse, bot window", True)]:
-            # the median of at least 3 runs of the conversation: one run's turn times are noisy
-            keys = [f"{variant}-{rep}" if variant != "no reuse" else None for rep in range(max(3, s.repeats))]
+            # the median of at least 5 runs of the conversation: one run's turn times are noisy (the
+            # same 23-token first turn took 27.6 to 36.3 ms across the variants of one run of 3)
+            keys = [f"{variant}-{rep}" if variant != "no reuse" else None for rep in range(max(5, s.repeats))]
             runs = [asyncio.run(_conversation(engine, s, params, key, args.turns, kept)) for key in keys]
             out[variant] = [(statistics.median(r[t][0] for r in runs), runs[0][t][1], runs[0][t][2])
                             for t in range(args.turns)]

@@ -59,7 +59,7 @@ enum { STORE, ADD, GELU }; /* y = x W^T + b;  y += x W^T + b;  y = gelu_tanh(x W
 
 /* tanh(u) as Eigen's rational approximation (odd degree 13 over even degree 6, on [-9, 9]): within
  * a few ulp of tanhf, and plain arithmetic that the compiler vectorizes; tanhf is a call per
- * element, which took half of a batched step of the shipped model's blocks. */
+ * element (with it, the shipped model's 16-row step took 1.90 ms instead of 1.14). */
 static inline float tanh_rational(float u) {
     u = u < -9.0f ? -9.0f : u > 9.0f ? 9.0f : u;
     const float u2 = u * u;
