@@ -205,14 +205,17 @@ static void attend(const float *q, const float *kh, const float *vh, int64_t S, 
 /* Block.decode_rows for one new token of each of B sequences, x (B, n_embd; updated in place):
  * row b's token at position pos[b], after positions 0..pos[b]-1, its keys and values at
  * k + b * row_stride and v + b * row_stride, element [h, s, d] at h * head_stride + s * pos_stride + d;
- * the token's own go to position pos[b]. The products take all B rows at once; attention, one
- * row and head at a time, sees each row's own positions. Returns 0, or -1 where memory ran out
- * (x unchanged). */
-int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, float *k, float *v, int64_t row_stride,
-               int64_t head_stride, int64_t pos_stride, int threads) {
+ * the token's own go to position pos[b], below n_pos. The products take all B rows at once;
+ * attention, one row and head at a time, sees each row's own positions. Returns 0; -1 where
+ * memory ran out, -2 where a position lies outside 0..n_pos-1 (nothing changed either way). */
+int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, float *k, float *v, int64_t n_pos,
+               int64_t row_stride, int64_t head_stride, int64_t pos_stride, int threads) {
     const int64_t C = blk->n_embd, n_head = blk->n_head, hd = C / n_head;
     int64_t S = 1; /* the longest row's positions */
-    for (int64_t b = 0; b < B; b++) S = pos[b] + 1 > S ? pos[b] + 1 : S;
+    for (int64_t b = 0; b < B; b++) {
+        if (pos[b] < 0 || pos[b] >= n_pos) return -2;
+        S = pos[b] + 1 > S ? pos[b] + 1 : S;
+    }
     float *scratch = malloc(sizeof(float) * (B * 9 * C + B * n_head * S));
     if (scratch == NULL) return -1;
     float *h = scratch, *qkv = h + B * C, *y = qkv + B * 3 * C, *f = y + B * C, *scores = f + B * 4 * C;

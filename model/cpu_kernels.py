@@ -85,7 +85,7 @@ def library() -> ctypes.CDLL:
                 stale.unlink(missing_ok=True)  # a process that loaded it keeps its mapping
     lib = ctypes.CDLL(str(path))  # ctypes releases the GIL during each call
     lib.block_rows.argtypes = [ctypes.POINTER(_Block), ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3,
-                               *[ctypes.c_int64] * 3, ctypes.c_int]
+                               *[ctypes.c_int64] * 4, ctypes.c_int]
     lib.block_rows.restype = ctypes.c_int
     lib.packed_product.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int64,
                                    ctypes.c_int64, ctypes.c_int]
@@ -174,13 +174,15 @@ class RowStepBlock(nn.Module):
         the positions before it; block_rows stores its key and value there."""
         B = x.size(0)
         pos = pos.to(torch.int64).contiguous()
-        last = int(pos.max())
-        if (not 0 <= int(pos.min()) <= last < k.size(2) or k.size(0) < B or k.stride() != v.stride()
-                or k.stride(-1) != 1):
-            raise ValueError(f"positions up to {last} or cache strides {k.stride()} outside what a row step handles")
+        if k.size(0) < B or pos.numel() != B or k.stride() != v.stride() or k.stride(-1) != 1:
+            raise ValueError(f"{B} rows or cache strides {k.stride()} outside what a row step handles")
         y = x.reshape(B, -1).clone(memory_format=torch.contiguous_format)  # block_rows updates it in place
-        if self._lib.block_rows(ctypes.byref(self._block), y.data_ptr(), B, pos.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                k.stride(0), k.stride(1), k.stride(2), torch.get_num_threads()):
+        done = self._lib.block_rows(ctypes.byref(self._block), y.data_ptr(), B, pos.data_ptr(), k.data_ptr(),
+                                    v.data_ptr(), k.size(2), k.stride(0), k.stride(1), k.stride(2),
+                                    torch.get_num_threads())
+        if done == -2:
+            raise ValueError(f"positions {pos.tolist()} outside the cache's {k.size(2)}")
+        if done:
             raise MemoryError("row step: no memory for its scratch space")
         return y.view(x.shape)
 

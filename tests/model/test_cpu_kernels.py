@@ -303,10 +303,10 @@ def test_a_packed_linear_keeps_its_inputs_leading_dimensions_and_refuses_other_d
 def test_a_step_past_the_cache_is_refused_not_written(prepared: GPT) -> None:
     cache = KVCache(prepared.config, 1, torch.device("cpu"), torch.float32)
     x = torch.ones(1, 1, CONFIG.n_embd)
-    with pytest.raises(ValueError, match="positions up to 48"):
+    with pytest.raises(ValueError, match="outside the cache.s 48"):
         prepared.transformer.h[0](x, cache, CONFIG.block_size)
     pool = RowKVCache(CONFIG, 2, torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError, match="positions up to 48"):
+    with pytest.raises(ValueError, match="outside the cache.s 48"):
         prepared.transformer.h[0].decode_rows(x.expand(2, 1, -1), pool, torch.tensor([3, 48]), torch.zeros(0))
     assert pool.k.count_nonzero() == 0 and pool.v.count_nonzero() == 0
 
