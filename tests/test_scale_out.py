@@ -181,5 +181,7 @@ async def test_turns_of_different_people_get_the_lock_connections_first_come_fir
     finally:
         await locks.close()
     assert sorted(order[:2]) == ["a", "b"]
-    assert order[2:5] == ["c", "d", "e"]  # before a and b's second turns
+    # a and b free both connections at once: c and d get them together (and append in either
+    # order), e the next one; all three before a and b's second turns
+    assert sorted(order[2:4]) == ["c", "d"] and order[4] == "e"
     assert sorted(order[5:]) == ["a again", "b again"]
