@@ -180,8 +180,9 @@ async def test_turns_of_different_people_get_the_lock_connections_first_come_fir
         await asyncio.gather(*first, *waiting)
     finally:
         await locks.close()
+    # Two connections, freed in pairs: each pair of turns gets them together and records itself
+    # in either order. c and d come before a and b's second turns, which went to the back of the
+    # line; e comes with the first of those, in the same pair.
     assert sorted(order[:2]) == ["a", "b"]
-    # a and b free both connections at once: c and d get them together (and append in either
-    # order), e the next one; all three before a and b's second turns
-    assert sorted(order[2:4]) == ["c", "d"] and order[4] == "e"
-    assert sorted(order[5:]) == ["a again", "b again"]
+    assert sorted(order[2:4]) == ["c", "d"]
+    assert "e" in order[4:6] and sorted(order[4:]) == ["a again", "b again", "e"]
