@@ -1,12 +1,16 @@
-"""Save and load checkpoints: our format, and the Hugging Face GPT-2 layout in both directions.
+"""Save and load checkpoints: our format, the Hugging Face GPT-2 layout in both directions, and
+Llama-family models (HF folders and GGUF files) for reading.
 
 Our format is a folder with config.json ({"format": "gptbot", "model": GPTConfig, "meta": ...}),
-tokenizer.json and model.safetensors (no pickle; the tied LM head is stored once, as wte).
+tokenizer.json and model.safetensors (no pickle; a tied LM head is stored once, as wte).
 The GPT-2 layout (GPT-2 of every size, DistilGPT2, DialoGPT) stores the same tensors under the
 same names, but its Conv1D layers keep their weights transposed relative to nn.Linear.
+LlamaForCausalLM and Qwen2ForCausalLM folders (SmolLM2, TinyLlama, Qwen2.5, Llama 3.2) and
+.gguf files of the llama and qwen2 architectures go through model.llama_weights.
 """
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm import tqdm
 
 from model.config import GPTConfig
 from model.gpt import GPT
+from model.llama_weights import UnsupportedModel, is_llama_family, llama_config, llama_state
 from model.tokenizer import GPT2_EOS, SPECIAL_TOKENS, ChatTokenizer
 
 FORMAT = "gptbot"
@@ -36,6 +42,12 @@ CONV1D_WEIGHTS = (
 # causal-mask buffers that older GPT-2 files carry (not ".c_attn.bias"); we build the mask
 HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU with the tanh approximation
+GGUF_SUFFIX = ".gguf"
+SUPPORTED = (
+    "our checkpoint folders, GPT-2-family folders (GPT2LMHeadModel), LlamaForCausalLM and "
+    "Qwen2ForCausalLM folders (safetensors), and .gguf files of the llama and qwen2 architectures"
+)
+PROGRESS_BYTES = 50 * 2**20  # loading more weights than this shows a progress bar
 
 
 class CheckpointError(Exception):
@@ -57,35 +69,83 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    del state[TIED_HEAD]  # the same tensor as transformer.wte.weight
+    if model.config.tie_embeddings:
+        del state[TIED_HEAD]  # the same tensor as transformer.wte.weight
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     tokenizer.save(directory)
     config = {"format": FORMAT, "model": model.config.to_dict(), "meta": meta or {}}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_model(directory: Path, device: str = "cpu") -> LoadedModel:
-    """Load our format or a Hugging Face GPT-2 folder (detected from config.json), in eval mode."""
-    directory = Path(directory)
-    raw = _read_config(directory)
-    tokenizer, config = _read_tokenizer_and_config(directory, raw)
+def load_model(path: Path, device: str = "cpu", max_context: int | None = None) -> LoadedModel:
+    """Load a model in eval mode: our format, a GPT-2 or Llama-family HF folder, or a .gguf file.
+
+    max_context caps the window of models that allow more positions (rotary models only:
+    learned positions are part of the weights).
+    """
+    path = Path(path)
+    if path.suffix == GGUF_SUFFIX or path.is_file():
+        return _load_gguf(path, device, max_context)
+    raw = _read_config(path)
+    tokenizer, config = _read_tokenizer_and_config(path, raw, max_context)
     if _is_ours(raw):
-        state = _read_safetensors([directory / WEIGHTS_FILE])
-        name = str(raw.get("meta", {}).get("name") or directory.resolve().name)
+        state = _read_safetensors([path / WEIGHTS_FILE])
+        name = str(raw.get("meta", {}).get("name") or path.resolve().name)
+    elif is_llama_family(raw):
+        state = llama_state(_read_hf_weights(path), config)
+        name = str(raw.get("_name_or_path") or path.resolve().name)
     else:
-        state = _read_hf_gpt2_state(directory)
-        name = str(raw.get("_name_or_path") or directory.resolve().name)
-    model = _build_model(config, state, directory)
+        state = _read_hf_gpt2_state(path)
+        name = str(raw.get("_name_or_path") or path.resolve().name)
+    model = _build_model(config, state, path)
     return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, name=name, config=config)
 
 
-def load_tokenizer(directory: Path) -> tuple[ChatTokenizer, GPTConfig]:
-    """The tokenizer and model config of a folder load_model reads, without reading the weights.
+def load_tokenizer(path: Path, max_context: int | None = None) -> tuple[ChatTokenizer, GPTConfig]:
+    """The tokenizer and model config of what load_model reads, without reading the weights.
 
     For a process that only counts tokens, such as the bot whose model runs on another server.
     """
-    directory = Path(directory)
-    return _read_tokenizer_and_config(directory, _read_config(directory))
+    path = Path(path)
+    if path.suffix == GGUF_SUFFIX or path.is_file():
+        from model.gguf_file import GGUFError, read_gguf_metadata
+
+        try:
+            gguf = read_gguf_metadata(path)
+        except GGUFError as e:
+            raise CheckpointError(str(e)) from e
+        return _gguf_tokenizer(gguf), _gguf_config(gguf, max_context)
+    return _read_tokenizer_and_config(path, _read_config(path), max_context)
+
+
+def _load_gguf(path: Path, device: str, max_context: int | None) -> LoadedModel:
+    from model.gguf_file import GGUFError, read_gguf
+
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist")
+    try:
+        gguf, hf_state = read_gguf(path, progress=True)
+    except GGUFError as e:
+        raise CheckpointError(str(e)) from e
+    config = _gguf_config(gguf, max_context)
+    model = _build_model(config, llama_state(hf_state, config), path)
+    return LoadedModel(model=model.to(device).eval(), tokenizer=_gguf_tokenizer(gguf), name=gguf.name, config=config)
+
+
+def _gguf_config(gguf: Any, max_context: int | None) -> GPTConfig:
+    try:
+        return llama_config(gguf.hf_config, max_context)
+    except UnsupportedModel as e:
+        raise CheckpointError(f"{gguf.path}: {e}") from e
+
+
+def _gguf_tokenizer(gguf: Any) -> ChatTokenizer:
+    try:
+        return ChatTokenizer(
+            gguf.tokenizer, chat_template=gguf.chat_template, bos_token=gguf.bos_token, eos_token=gguf.eos_token
+        )
+    except ValueError as e:
+        raise CheckpointError(f"cannot use the tokenizer in {gguf.path}: {e}") from e
 
 
 def export_gpt2(model: GPT, tokenizer: ChatTokenizer, directory: Path) -> None:
@@ -147,15 +207,13 @@ def export_gpt2(model: GPT, tokenizer: ChatTokenizer, directory: Path) -> None:
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
-    """config.json of a folder in our format or the GPT-2 layout; anything else is a CheckpointError."""
+    """config.json of a folder load_model reads; anything else is a CheckpointError saying what is supported."""
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder {directory} does not exist")
     raw = _read_json(directory / CONFIG_FILE)
-    if not _is_ours(raw) and raw.get("model_type") != "gpt2" and "n_embd" not in raw:
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE} is neither our format (\"format\": \"{FORMAT}\") "
-            "nor a Hugging Face GPT-2 config (\"model_type\": \"gpt2\")"
-        )
+    if not _is_ours(raw) and raw.get("model_type") != "gpt2" and "n_embd" not in raw and not is_llama_family(raw):
+        kind = raw.get("architectures") or raw.get("model_type") or "unknown"
+        raise CheckpointError(f"{directory / CONFIG_FILE}: model {kind} is not supported; supported: {SUPPORTED}")
     return raw
 
 
@@ -163,8 +221,19 @@ def _is_ours(raw: dict[str, Any]) -> bool:
     return raw.get("format") == FORMAT
 
 
-def _read_tokenizer_and_config(directory: Path, raw: dict[str, Any]) -> tuple[ChatTokenizer, GPTConfig]:
-    if _is_ours(raw):
+def _read_tokenizer_and_config(
+    directory: Path, raw: dict[str, Any], max_context: int | None = None
+) -> tuple[ChatTokenizer, GPTConfig]:
+    if is_llama_family(raw):
+        try:
+            config = llama_config(raw, max_context)
+        except UnsupportedModel as e:
+            raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from e
+        try:
+            tokenizer = ChatTokenizer.load(directory)
+        except Exception as e:  # tokenizers raises plain Exception
+            raise CheckpointError(f"cannot read the tokenizer in {directory}: {e}") from e
+    elif _is_ours(raw):
         try:
             config = GPTConfig.from_dict(raw["model"])
         except (KeyError, TypeError, ValueError) as e:
@@ -263,23 +332,31 @@ def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
 
 
 def _read_safetensors(paths: list[Path]) -> dict[str, Tensor]:
+    """Every tensor of the files; a progress bar (stderr) where they are large."""
     state = {}
     for path in paths:
         if not path.is_file():
             raise CheckpointError(f"missing weights file {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from e
+    total = sum(path.stat().st_size for path in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {paths[0].parent.name}", file=sys.stderr,
+              disable=total < PROGRESS_BYTES, leave=False) as bar:
+        for path in paths:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        state[key] = f.get_tensor(key)
+                        bar.update(state[key].nbytes)
+            except Exception as e:
+                raise CheckpointError(f"cannot read {path}: {e}") from e
     return state
 
 
 def _build_model(config: GPTConfig, state: dict[str, Tensor], directory: Path) -> GPT:
     """A GPT with state (tied head not included) loaded, after checking names and shapes."""
-    model = GPT(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != TIED_HEAD}
+    with torch.device("meta"):  # shapes only
+        expected_model = GPT(config)
+    tied = config.tie_embeddings
+    expected = {k: tuple(v.shape) for k, v in expected_model.state_dict().items() if k != TIED_HEAD or not tied}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
@@ -299,8 +376,8 @@ def _build_model(config: GPTConfig, state: dict[str, Tensor], directory: Path) -
         raise CheckpointError(
             f"checkpoint {directory} does not fit its config: " + " | ".join(problems)
         )
-    model.load_state_dict({**state, TIED_HEAD: state["transformer.wte.weight"]})
-    return model
+    state = {k: v.float() for k, v in state.items()}  # float32, as trained and as the engine runs on CPU
+    return GPT.from_state(config, {**state, TIED_HEAD: state["transformer.wte.weight"]} if tied else state)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

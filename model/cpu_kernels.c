@@ -169,18 +169,36 @@ static void packed_rows(const float *x, int64_t m, int64_t ldx, const float *p, 
     }
 }
 
-static void layer_norm(const float *x, const float *weight, const float *bias, float *y, int64_t n) {
+/* LayerNorm (bias: its bias) or, where rms, RMSNorm (no mean, no bias), of x (n) into y. */
+static void norm(const float *x, const float *weight, const float *bias, float *y, int64_t n, double eps, int64_t rms) {
     double mean = 0.0, var = 0.0;
-    for (int64_t i = 0; i < n; i++) mean += x[i];
-    mean /= (double)n;
+    if (!rms) {
+        for (int64_t i = 0; i < n; i++) mean += x[i];
+        mean /= (double)n;
+    }
     for (int64_t i = 0; i < n; i++) var += (x[i] - mean) * (x[i] - mean);
-    float scale = (float)(1.0 / sqrt(var / (double)n + 1e-5)); /* nn.LayerNorm's default eps */
-    for (int64_t i = 0; i < n; i++) y[i] = ((float)(x[i] - mean)) * scale * weight[i] + bias[i];
+    const float scale = (float)(1.0 / sqrt(var / (double)n + eps));
+    for (int64_t i = 0; i < n; i++) y[i] = ((float)(x[i] - mean)) * scale * weight[i] + (rms ? 0.0f : bias[i]);
 }
 
-/* Mirrored by cpu_kernels._Block: a block's sizes and weights (absent biases as zeros). */
+/* Rotary positions on one head's vector x (hd), Hugging Face's halves convention: dimension i pairs
+ * with i + hd/2, rotated by the angle whose cos and sin are c[i], s[i]. */
+static void rotate(float *x, const float *c, const float *s, int64_t hd) {
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * c[i] - b * s[i];
+        x[i + half] = b * c[i] + a * s[i];
+    }
+}
+
+/* Mirrored by cpu_kernels._Block: a block's sizes, options and weights (absent biases as zeros).
+ * rms: RMSNorm, else LayerNorm; swiglu: fc_w gives the gate's n_inner outputs, then the up
+ * projection's, else GELU; rope_cos, rope_sin: (n_pos, hd/2) rotary tables, or NULL. */
 typedef struct {
-    int64_t n_embd, n_head;
+    int64_t n_embd, n_head, n_kv_head, n_inner, rms, swiglu;
+    double eps;
+    const float *rope_cos, *rope_sin;
     const float *ln1_w, *ln1_b, *attn_w, *attn_b, *attn_proj_w, *attn_proj_b;
     const float *ln2_w, *ln2_b, *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
 } Block;
@@ -204,41 +222,62 @@ static void attend(const float *q, const float *kh, const float *vh, int64_t S, 
 
 /* Block.decode_rows for one new token of each of B sequences, x (B, n_embd; updated in place):
  * row b's token at position pos[b], after positions 0..pos[b]-1, its keys and values at
- * k + b * row_stride and v + b * row_stride, element [h, s, d] at h * head_stride + s * pos_stride + d;
- * the token's own go to position pos[b], below n_pos. The products take all B rows at once;
- * attention, one row and head at a time, sees each row's own positions. Returns 0; -1 where
- * memory ran out, -2 where a position lies outside 0..n_pos-1 (nothing changed either way). */
+ * k + b * row_stride and v + b * row_stride, element [h, s, d] of key/value head h at
+ * h * head_stride + s * pos_stride + d; the token's own go to position pos[b], below n_pos.
+ * Query head h reads key/value head h / (n_head / n_kv_head) (grouped-query attention). The
+ * products take all B rows at once; attention, one row and head at a time, sees each row's own
+ * positions. Returns 0; -1 where memory ran out, -2 where a position lies outside 0..n_pos-1
+ * (nothing changed either way). */
 int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, float *k, float *v, int64_t n_pos,
                int64_t row_stride, int64_t head_stride, int64_t pos_stride, int threads) {
-    const int64_t C = blk->n_embd, n_head = blk->n_head, hd = C / n_head;
+    const int64_t C = blk->n_embd, n_head = blk->n_head, n_kv = blk->n_kv_head, hd = C / n_head;
+    const int64_t kvC = n_kv * hd, qkvC = C + 2 * kvC, group = n_head / n_kv, half = hd / 2;
+    const int64_t n_in = blk->n_inner, n_fc = blk->swiglu ? 2 * n_in : n_in;
     int64_t S = 1; /* the longest row's positions */
     for (int64_t b = 0; b < B; b++) {
         if (pos[b] < 0 || pos[b] >= n_pos) return -2;
         S = pos[b] + 1 > S ? pos[b] + 1 : S;
     }
-    float *scratch = malloc(sizeof(float) * (B * 9 * C + B * n_head * S));
+    float *scratch = malloc(sizeof(float) * (B * (2 * C + qkvC + n_fc) + B * n_head * S));
     if (scratch == NULL) return -1;
-    float *h = scratch, *qkv = h + B * C, *y = qkv + B * 3 * C, *f = y + B * C, *scores = f + B * 4 * C;
+    float *h = scratch, *qkv = h + B * C, *y = qkv + B * qkvC, *f = y + B * C, *scores = f + B * n_fc;
     const float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) layer_norm(x + b * C, blk->ln1_w, blk->ln1_b, h + b * C, C);
-        packed_rows(h, B, C, blk->attn_w, blk->attn_b, qkv, 3 * C, 3 * C, C, STORE);
+        for (int64_t b = 0; b < B; b++) norm(x + b * C, blk->ln1_w, blk->ln1_b, h + b * C, C, blk->eps, blk->rms);
+        packed_rows(h, B, C, blk->attn_w, blk->attn_b, qkv, qkvC, qkvC, C, STORE);
+        /* each row's new key (rotated) and value into the cache, before any query reads them */
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * n_kv; i++) {
+            const int64_t b = i / n_kv, head = i % n_kv;
+            float *key = qkv + b * qkvC + C + head * hd, *value = key + kvC;
+            if (blk->rope_cos) rotate(key, blk->rope_cos + pos[b] * half, blk->rope_sin + pos[b] * half, hd);
+            memcpy(k + b * row_stride + head * head_stride + pos[b] * pos_stride, key, sizeof(float) * hd);
+            memcpy(v + b * row_stride + head * head_stride + pos[b] * pos_stride, value, sizeof(float) * hd);
+        }
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * n_head; i++) {
-            const int64_t b = i / n_head, head = i % n_head;
-            const float *q = qkv + b * 3 * C + head * hd;
-            float *kh = k + b * row_stride + head * head_stride, *vh = v + b * row_stride + head * head_stride;
-            memcpy(kh + pos[b] * pos_stride, q + C, sizeof(float) * hd);
-            memcpy(vh + pos[b] * pos_stride, q + 2 * C, sizeof(float) * hd);
+            const int64_t b = i / n_head, head = i % n_head, kv_head = head / group;
+            float *q = qkv + b * qkvC + head * hd;
+            if (blk->rope_cos) rotate(q, blk->rope_cos + pos[b] * half, blk->rope_sin + pos[b] * half, hd);
+            const float *kh = k + b * row_stride + kv_head * head_stride, *vh = v + b * row_stride + kv_head * head_stride;
             attend(q, kh, vh, pos[b] + 1, pos_stride, hd, scale, scores + i * S, y + b * C + head * hd);
         }
         packed_rows(y, B, C, blk->attn_proj_w, blk->attn_proj_b, x, C, C, C, ADD);
         #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) layer_norm(x + b * C, blk->ln2_w, blk->ln2_b, h + b * C, C);
-        packed_rows(h, B, C, blk->fc_w, blk->fc_b, f, 4 * C, 4 * C, C, GELU);
-        packed_rows(f, B, 4 * C, blk->mlp_proj_w, blk->mlp_proj_b, x, C, C, 4 * C, ADD);
+        for (int64_t b = 0; b < B; b++) norm(x + b * C, blk->ln2_w, blk->ln2_b, h + b * C, C, blk->eps, blk->rms);
+        packed_rows(h, B, C, blk->fc_w, blk->fc_b, f, n_fc, n_fc, C, blk->swiglu ? STORE : GELU);
+        if (blk->swiglu) { /* silu(gate) * up into the gate's place: silu(g) = g/2 (1 + tanh(g/2)) */
+            #pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++) {
+                float *gate = f + b * n_fc;
+                const float *up = gate + n_in;
+                for (int64_t c = 0; c < n_in; c++)
+                    gate[c] = 0.5f * gate[c] * (1.0f + tanh_rational(0.5f * gate[c])) * up[c];
+            }
+        }
+        packed_rows(f, B, n_fc, blk->mlp_proj_w, blk->mlp_proj_b, x, C, C, n_in, ADD);
     }
     free(scratch);
     return 0;

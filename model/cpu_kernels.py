@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from model.gpt import GPT, Block, KVCache
+from model.gpt import GPT, Block, KVCache, Rope, RotaryTable
 
 if TYPE_CHECKING:
     from model.kv_pool import RowKVCache
@@ -54,7 +54,13 @@ WEIGHTS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "attn_proj_w", "attn_proj_b",
 class _Block(ctypes.Structure):
     """cpu_kernels.c's Block."""
 
-    _fields_ = [("n_embd", ctypes.c_int64), ("n_head", ctypes.c_int64), *((name, ctypes.c_void_p) for name in WEIGHTS)]
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("n_embd", "n_head", "n_kv_head", "n_inner", "rms", "swiglu")),
+        ("eps", ctypes.c_double),
+        ("rope_cos", ctypes.c_void_p),
+        ("rope_sin", ctypes.c_void_p),
+        *((name, ctypes.c_void_p) for name in WEIGHTS),
+    ]
 
 
 def cache_dir() -> Path:
@@ -139,9 +145,10 @@ class PackedEmbedding(nn.Module):
 class RowStepBlock(nn.Module):
     """A Block (its Linears PackedLinears) whose decoding steps run cpu_kernels.c's block_rows,
     one call a block: a batch's (decode_rows), and a lone sequence's one-token steps with at
-    least two positions cached; prefills run the Block itself."""
+    least two positions cached; prefills run the Block itself. rotary: the model's table of
+    rotary angles, for rotary models."""
 
-    def __init__(self, block: Block, lib: ctypes.CDLL) -> None:
+    def __init__(self, block: Block, lib: ctypes.CDLL, rotary: RotaryTable | None = None) -> None:
         super().__init__()
         self.block = block
         self.layer = block.attn.layer
@@ -153,20 +160,30 @@ class RowStepBlock(nn.Module):
         for m in (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj):
             weight = m.packed if isinstance(m, PackedLinear) else m.weight
             size = m.out_features if isinstance(m, PackedLinear) else m.normalized_shape[0]
-            weights += [weight.detach(), torch.zeros(size) if m.bias is None else m.bias.detach()]
-        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in weights):
+            bias = getattr(m, "bias", None)  # RMSNorm has none
+            weights += [weight.detach(), torch.zeros(size) if bias is None else bias.detach()]
+        tables = [] if rotary is None else [rotary.cos, rotary.sin]
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in weights + tables):
             raise ValueError("row steps need contiguous float32 weights on CPU")
-        self._weights = tuple(weights)  # keeps the tensors the pointers below point into
+        self._weights = tuple(weights + tables)  # keeps the tensors the pointers below point into
         n_embd = block.ln_1.normalized_shape[0]
-        self._block = _Block(n_embd, attn.n_head, *(t.data_ptr() for t in weights))
+        rms = isinstance(block.ln_1, nn.RMSNorm)
+        eps = block.ln_1.eps
+        cos, sin = (t.data_ptr() for t in tables) if tables else (None, None)
+        self._block = _Block(
+            n_embd, attn.n_head, attn.n_kv_head, mlp.c_proj.in_features, rms, mlp.swiglu,
+            1e-5 if eps is None else eps, cos, sin, *(t.data_ptr() for t in weights),
+        )
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
+    def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int, rope: Rope | None = None) -> Tensor:
         if kv_cache is not None and start_pos > 1 and x.shape[:2] == (1, 1):
             pos = torch.tensor([start_pos])
             return self._rows(x, kv_cache.k[self.layer], kv_cache.v[self.layer], pos)
-        return self.block(x, kv_cache, start_pos)
+        return self.block(x, kv_cache, start_pos, rope)
 
-    def decode_rows(self, x: Tensor, cache: "RowKVCache", pos: Tensor, mask: Tensor) -> Tensor:
+    def decode_rows(
+        self, x: Tensor, cache: "RowKVCache", pos: Tensor, mask: Tensor, rope: Rope | None = None
+    ) -> Tensor:
         return self._rows(x, cache.k[self.layer], cache.v[self.layer], pos)
 
     def _rows(self, x: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
@@ -202,7 +219,7 @@ def use_packed_weights(model: GPT) -> bool:
     _pack_linears(model, lib)
     if tied:
         model.transformer.wte = PackedEmbedding(model.lm_head)
-    model.transformer.h = nn.ModuleList(RowStepBlock(block, lib) for block in model.transformer.h)
+    model.transformer.h = nn.ModuleList(RowStepBlock(block, lib, model.rotary) for block in model.transformer.h)
     return True
 
 

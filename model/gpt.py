@@ -1,7 +1,11 @@
-"""The GPT network: embeddings, positional encoding, pre-LN transformer blocks, tied LM head.
+"""The GPT network: embeddings, positional encoding, pre-norm transformer blocks, LM head.
 
 Parameter names follow GPT-2 / nanoGPT (transformer.wte, transformer.h.0.attn.c_attn, ...),
 so importing Hugging Face GPT-2 weights is a rename plus a transpose of the Conv1D weights.
+The Llama family (SmolLM2, Qwen2.5, Llama 3.2, TinyLlama) is the same network with other
+GPTConfig options: rotary positions, RMSNorm, SwiGLU, grouped-query attention, q/k/v biases
+and a separate LM head. Their q, k and v weights are stored as one c_attn, as GPT-2's, and the
+SwiGLU's gate and up weights as one c_fc, so a block runs the same four products either way.
 """
 
 import math
@@ -18,18 +22,25 @@ if TYPE_CHECKING:
     from model.kv_pool import RowKVCache
 
 
+Rope = tuple[Tensor, Tensor]  # cos, sin (..., hs/2) of the positions at hand
+
+
 class KVCache:
-    """Pre-allocated keys and values for every layer, so decoding never concatenates tensors."""
+    """Pre-allocated keys and values for every layer, so decoding never concatenates tensors.
+
+    One entry per key/value head (n_kv_head), which grouped-query attention shares among
+    n_head / n_kv_head query heads."""
 
     def __init__(
         self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype
     ) -> None:
-        shape = (batch_size, config.n_head, config.block_size, config.head_dim)
+        assert config.n_kv_head is not None
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
 
     def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, nh, T, hs) at [start_pos, start_pos+T); return views of [0, start_pos+T)."""
+        """Write k, v (B, nkv, T, hs) at [start_pos, start_pos+T); return views of [0, start_pos+T)."""
         end = start_pos + k.size(2)
         self.k[layer][:, :, start_pos:end] = k
         self.v[layer][:, :, start_pos:end] = v
@@ -37,95 +48,163 @@ class KVCache:
 
     @classmethod
     def over(cls, k: list[Tensor], v: list[Tensor]) -> "KVCache":
-        """A cache over existing per-layer tensors (B, nh, block_size, hs), e.g. rows of a pool."""
+        """A cache over existing per-layer tensors (B, nkv, block_size, hs), e.g. rows of a pool."""
         cache = cls.__new__(cls)
         cache.k, cache.v = k, v
         return cache
 
 
+def rotate(x: Tensor, rope: Rope) -> Tensor:
+    """Rotary positions on x (..., hs), the halves convention of Hugging Face's Llama: dimension i
+    pairs with i + hs/2; cos, sin (..., hs/2) broadcast over x's heads."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_frequencies(config: GPTConfig) -> Tensor:
+    """The rotary inverse frequencies (hs/2,), with Llama 3's long-context scaling where configured
+    (the same arithmetic as transformers, so that positions rotate by the same float32 angles)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if config.rope_scaling != "llama3":
+        return inv_freq
+    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    old_context = config.rope_original_context
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryTable(nn.Module):
+    """cos and sin of every position's rotary angles: (block_size, hs/2) each, a buffer."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        angles = torch.arange(config.block_size).float()[:, None] * rope_frequencies(config)  # (block_size, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, pos: Tensor) -> Rope:
+        return self.cos[pos], self.sin[pos]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
+        assert config.n_kv_head is not None and config.qkv_bias is not None
         self.layer = layer  # which KV-cache slot this attention uses
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
-        # q, k, v for all heads in one matmul, as GPT-2's c_attn
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # q, k, v for all heads in one matmul, as GPT-2's c_attn: n_head query heads, then
+        # n_kv_head key heads and as many value heads
+        width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, width, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v (B, nh, T, hs) of x (B, T, C)."""
+    def _heads(self, x: Tensor, rope: Rope | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, nh, T, hs), k, v (B, nkv, T, hs) of x (B, T, C), q and k rotated where rope is given."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        hs, kv_width = self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_width, kv_width], dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         return q, k, v
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
+    def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int, rope: Rope | None = None) -> Tensor:
+        """rope: cos, sin (T, hs/2) of positions start_pos .. start_pos+T-1, for rotary models."""
         B, T, C = x.size()
-        q, k, v = self._heads(x)
+        q, k, v = self._heads(x, rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, nh, S, hs), S = start_pos+T
+            k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, nkv, S, hs), S = start_pos+T
         S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
+        gqa = self.n_kv_head != self.n_head
         if T == S:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
         elif T == 1:
             # one new token attends to everything before it: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
         else:
             # T new tokens after start_pos cached ones; is_causal would align the mask top-left,
             # so build it: query i (absolute position start_pos+i) sees keys 0 .. start_pos+i
             rows = torch.arange(start_pos, S, device=x.device).unsqueeze(1)  # (T, 1)
             mask = torch.arange(S, device=x.device).unsqueeze(0) <= rows  # (T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def decode_rows(self, x: Tensor, cache: "RowKVCache", pos: Tensor, mask: Tensor) -> Tensor:
+    def decode_rows(
+        self, x: Tensor, cache: "RowKVCache", pos: Tensor, mask: Tensor, rope: Rope | None = None
+    ) -> Tensor:
         """One new token per sequence, x (B, 1, C): row b of cache is sequence b, its token at pos[b].
 
         mask (B, 1, 1, S), added to the scores, hides each row's positions after its own (-inf);
-        S is the longest row + 1.
+        S is the longest row + 1. rope: cos, sin (B, 1, 1, hs/2) of each row's position.
         """
         B, T, C = x.size()
-        q, k, v = self._heads(x)  # (B, nh, 1, hs)
-        k, v = cache.write_rows(self.layer, pos, k, v, mask.size(-1))  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, 1, hs)
+        q, k, v = self._heads(x, rope)  # q (B, nh, 1, hs), k, v (B, nkv, 1, hs)
+        k, v = cache.write_rows(self.layer, pos, k, v, mask.size(-1))  # (B, nkv, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
+    """GELU(x W1) W2 (GPT-2), or SwiGLU (Llama): c_fc gives the gate's and the up projection's
+    outputs side by side, (silu(gate) * up) W2."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        assert config.n_inner is not None
+        self.swiglu = config.mlp == "swiglu"
+        fc_width = 2 * config.n_inner if self.swiglu else config.n_inner
+        self.c_fc = nn.Linear(config.n_embd, fc_width, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = self.gelu(h)
+        return self.dropout(self.c_proj(h))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
+    def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int, rope: Rope | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, start_pos, rope)
         return x + self.mlp(self.ln_2(x))
 
-    def decode_rows(self, x: Tensor, cache: "RowKVCache", pos: Tensor, mask: Tensor) -> Tensor:
+    def decode_rows(
+        self, x: Tensor, cache: "RowKVCache", pos: Tensor, mask: Tensor, rope: Rope | None = None
+    ) -> Tensor:
         """forward for one new token per row of a batch of sequences (see the attention's)."""
-        x = x + self.attn.decode_rows(self.ln_1(x), cache, pos, mask)
+        x = x + self.attn.decode_rows(self.ln_1(x), cache, pos, mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -149,21 +228,24 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        parts: dict[str, nn.Module] = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if config.pos_encoding == "learned":
-            wpe: nn.Module = nn.Embedding(config.block_size, config.n_embd)
-        else:
-            wpe = SinusoidalPositions(config)
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        elif config.pos_encoding == "sinusoidal":
+            parts["wpe"] = SinusoidalPositions(config)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=wpe,
+                **parts,
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+                ln_f=make_norm(config),
             )
         )
+        # rotary models turn positions into angles inside attention: one table for every layer
+        self.rotary = RotaryTable(config) if config.pos_encoding == "rope" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
 
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual stream
@@ -171,6 +253,22 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_state(cls, config: GPTConfig, state: dict[str, Tensor]) -> "GPT":
+        """A GPT over state's tensors (the tied LM head included under its name), built without the
+        random initialisation that loading would overwrite: a billion parameters load in seconds."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
+        if config.tie_embeddings:  # assign gives each name its own Parameter: tie them again
+            model.lm_head.weight = model.transformer.wte.weight
+        # computed buffers are not in state: build them again off the meta device
+        if model.rotary is not None:
+            model.rotary = RotaryTable(config)
+        if config.pos_encoding == "sinusoidal":
+            model.transformer.wpe = SinusoidalPositions(config)
+        return model
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -184,6 +282,14 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         """Number of parameters, the tied embedding / LM head counted once."""
         return sum(p.numel() for p in self.parameters())
+
+    def _embed(self, idx: Tensor, pos: Tensor) -> tuple[Tensor, Rope | None]:
+        """Token (and absolute position) embeddings of idx at positions pos, and the rotary
+        angles of pos for rotary models."""
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        return x, None if self.rotary is None else self.rotary(pos)
 
     def new_kv_cache(
         self,
@@ -235,14 +341,16 @@ class GPT(nn.Module):
         """
         B = tokens.size(0)
         span = int(pos.max()) + 1  # positions the longest row attends to
-        x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, C)
+        x, rope = self._embed(tokens, pos)  # (B, C); cos, sin (B, hs/2)
+        if rope is not None:
+            rope = (rope[0].view(B, 1, 1, -1), rope[1].view(B, 1, 1, -1))  # broadcast over heads
         # additive mask, built once for all layers: -inf on the positions after each row's own
         after = torch.arange(span, device=tokens.device).unsqueeze(0) > pos.unsqueeze(1)  # (B, S)
         mask = torch.zeros(B, 1, 1, span, device=x.device, dtype=x.dtype)
         mask.masked_fill_(after.view(B, 1, 1, span), float("-inf"))  # (B, 1, 1, S)
         x = x.unsqueeze(1)  # (B, 1, C)
         for block in self.transformer.h:
-            x = block.decode_rows(x, cache, pos, mask)
+            x = block.decode_rows(x, cache, pos, mask, rope)
         return self.lm_head(self.transformer.ln_f(x[:, 0]))  # (B, vocab)
 
     def _trunk(self, idx: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
@@ -256,9 +364,8 @@ class GPT(nn.Module):
         if start_pos > 0 and kv_cache is None:
             raise ValueError("start_pos > 0 needs the kv_cache holding the earlier positions")
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x, rope = self._embed(idx, pos)  # (B, T, C); cos, sin (T, hs/2)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, kv_cache, start_pos)
+            x = block(x, kv_cache, start_pos, rope)
         return self.transformer.ln_f(x)

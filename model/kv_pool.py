@@ -29,7 +29,7 @@ def _zeros_on_demand(shape: tuple[int, ...], device: torch.device, dtype: torch.
 
 
 class RowKVCache:
-    """Keys and values (n_layer, rows, nh, block_size, hs), allocated once for the engine's life.
+    """Keys and values (n_layer, rows, nkv, block_size, hs): one entry per key/value head, allocated once for the engine's life.
 
     Row b holds the sequence in batch slot b at positions 0 .. its length-1. A decoding step
     writes each row's new key at that row's own position (no torch.cat, no reallocation);
@@ -37,7 +37,8 @@ class RowKVCache:
     """
 
     def __init__(self, config: GPTConfig, rows: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (config.n_layer, rows, config.n_head, config.block_size, config.head_dim)
+        assert config.n_kv_head is not None
+        shape = (config.n_layer, rows, config.n_kv_head, config.block_size, config.head_dim)
         self.k = _zeros_on_demand(shape, device, dtype)
         self.v = _zeros_on_demand(shape, device, dtype)
         self._row_ids = torch.arange(rows, device=device)  # (rows,)
@@ -66,10 +67,10 @@ class RowKVCache:
         return 2 * self.k.size(0) * n_head * head_dim * self.k.element_size()
 
     def write_rows(self, layer: int, pos: Tensor, k: Tensor, v: Tensor, span: int) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nh, 1, hs) of rows 0..B-1 at positions pos (B,); views (B, nh, span, hs)."""
+        """Store k, v (B, nkv, 1, hs) of rows 0..B-1 at positions pos (B,); views (B, nkv, span, hs)."""
         B = k.size(0)
         rows = self._row_ids[:B]
-        # advanced indices around a slice: the indexed result is (B, nh, hs), as k[:, :, 0]
+        # advanced indices around a slice: the indexed result is (B, nkv, hs), as k[:, :, 0]
         self.k[layer][rows, :, pos] = k[:, :, 0]
         self.v[layer][rows, :, pos] = v[:, :, 0]
         return self.k[layer, :B, :, :span], self.v[layer, :B, :, :span]
@@ -85,7 +86,7 @@ class RowKVCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
     def read_row(self, r: int, length: int, buffer: Allocate = _new_buffer) -> Tensor:
-        """A copy (2, n_layer, nh, length, hs) of row r's first length positions, in the first
+        """A copy (2, n_layer, nkv, length, hs) of row r's first length positions, in the first
         elements of the flat tensor buffer(numel, dtype, device) gives."""
         n_layer, _, n_head, _, head_dim = self.k.shape
         shape = (2, n_layer, n_head, length, head_dim)
@@ -96,6 +97,6 @@ class RowKVCache:
         return kv
 
     def write_row(self, r: int, kv: Tensor, length: int) -> None:
-        """Put the first length positions of kv (2, n_layer, nh, >=length, hs), from read_row, into row r."""
+        """Put the first length positions of kv (2, n_layer, nkv, >=length, hs), from read_row, into row r."""
         self.k[:, r, :, :length] = kv[0, :, :, :length]
         self.v[:, r, :, :length] = kv[1, :, :, :length]

@@ -1,14 +1,19 @@
-"""Byte-level BPE tokenizer (HF `tokenizers`) with the special tokens that mark chat turns.
+"""BPE tokenizers (HF `tokenizers`) with the special tokens that mark chat turns.
 
-Two families share this class:
+Three families share this class:
 - ours, trained by `ChatTokenizer.train`: <|system|> <|user|> <|bot|> open a turn, <|end|> closes it;
-- GPT-2 (and DistilGPT2, DialoGPT): only <|endoftext|>, which ends every turn, DialoGPT style.
-Special tokens only ever come from `turn` and `reply_prefix`: `encode` treats text that looks
-like "<|user|>" as ordinary characters, so a user cannot forge a turn.
+- GPT-2 (and DistilGPT2, DialoGPT): only <|endoftext|>, which ends every turn, DialoGPT style;
+- instruct models (SmolLM2, Qwen2.5, Llama 3.2, TinyLlama): a chat template (model.chat_template)
+  places their special tokens, such as <|im_start|> and <|im_end|>; byte-level BPE or
+  SentencePiece-style BPE with byte fallback.
+Special tokens only ever come from `turn`, `reply_prefix` and a template's own text
+(`encode_with_specials`): `encode` treats text that looks like "<|user|>" or "<|im_end|>" as
+ordinary characters, so a user cannot forge a turn.
 """
 
 import codecs
 import functools
+import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,10 +26,13 @@ END_TOKEN = "<|end|>"
 SPECIAL_TOKENS = [*ROLE_TOKENS.values(), END_TOKEN]
 GPT2_EOS = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers versions save the template
 # Encodings remembered, of texts up to this long: about 8 MB at most.
 CACHED_TEXTS = 4096
 CACHED_TEXT_CHARS = 2000
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_BYTE_TOKEN = re.compile("<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -62,32 +70,54 @@ def _bytes_of(token_bytes: list[bytes], token_id: int) -> bytes:
 
 
 class ChatTokenizer:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    """A tokenizer and what the bot needs to know of its special tokens.
+
+    chat_template (Jinja2 source) with eos_token (and bos_token, where the template uses it)
+    makes an instruct model's tokenizer: eos_id is the token that ends a turn.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        chat_template: str | None = None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ) -> None:
         self._tok = tokenizer
         self._encode_cached = functools.lru_cache(maxsize=CACHED_TEXTS)(lambda text: tuple(self._encode(text)))
         # text is always plain text: added tokens are never matched inside it
         self._tok.encode_special_tokens = True
+        # a second instance for a chat template's own text, where they are (not thread-safe to toggle)
+        self._with_specials = Tokenizer.from_str(tokenizer.to_str())
+        self._with_specials.encode_special_tokens = False
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         self.vocab_size: int = max(vocab.values()) + 1
-        if all(t in vocab for t in SPECIAL_TOKENS):
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.is_chat_format = False
+        self._role_ids: dict[str, int] = {}
+        if chat_template is not None:
+            if eos_token not in vocab:
+                raise ValueError(f"the chat template's end-of-turn token {eos_token!r} is not in the vocabulary")
+            self.eos_id: int = vocab[eos_token]
+        elif all(t in vocab for t in SPECIAL_TOKENS):
             self.is_chat_format = True
-            self.eos_id: int = vocab[END_TOKEN]
+            self.eos_id = vocab[END_TOKEN]
             self._role_ids = {role: vocab[t] for role, t in ROLE_TOKENS.items()}
         elif GPT2_EOS in vocab:
-            self.is_chat_format = False
             self.eos_id = vocab[GPT2_EOS]
-            self._role_ids = {}
         else:
-            raise ValueError(f"tokenizer has neither {SPECIAL_TOKENS} nor {GPT2_EOS!r}")
+            raise ValueError(f"tokenizer has no chat template, neither {SPECIAL_TOKENS} nor {GPT2_EOS!r}")
         self.special_ids: frozenset[int] = frozenset(
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
         ) | {self.eos_id, *self._role_ids.values()}
         # raw bytes of every token, for exact and streaming decoding; special tokens give b""
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
         self._token_bytes = [b""] * self.vocab_size
+        to_bytes = _byte_level_bytes if _is_byte_level(tokenizer) else _sentencepiece_bytes
         for token, i in vocab.items():
             if i not in self.special_ids:
-                self._token_bytes[i] = bytes(byte_of[c] for c in token)
+                self._token_bytes[i] = to_bytes(token)
 
     def encode(self, text: str) -> list[int]:
         """Ids of plain text; never a special id. Lone surrogates (not UTF-8) become U+FFFD.
@@ -100,7 +130,16 @@ class ChatTokenizer:
         return list(self._encode_cached(text))
 
     def _encode(self, text: str) -> list[int]:
-        return self._tok.encode(_LONE_SURROGATE.sub("\ufffd", text)).ids
+        # add_special_tokens=False: no BOS from a Llama tokenizer's post-processor
+        return self._tok.encode(_LONE_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Ids of a chat template's own text, where "<|im_start|>" is the special token; never user text."""
+        return self._with_specials.encode(_LONE_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token string (special or not), or None."""
+        return self._tok.token_to_id(token)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids; special ids are dropped."""
@@ -147,10 +186,25 @@ class ChatTokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> "ChatTokenizer":
-        path = Path(directory) / TOKENIZER_FILE
+        """tokenizer.json of a folder; with the chat template and its tokens where tokenizer_config.json
+        (or chat_template.jinja) has one, as in Hugging Face folders of instruct models."""
+        directory = Path(directory)
+        path = directory / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory}")
-        return cls(Tokenizer.from_file(str(path)))
+        config_path = directory / TOKENIZER_CONFIG_FILE
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        template = _template_source(config.get("chat_template"))
+        if (directory / CHAT_TEMPLATE_FILE).is_file():
+            template = (directory / CHAT_TEMPLATE_FILE).read_text()
+        if template is None:
+            return cls(Tokenizer.from_file(str(path)))
+        return cls(
+            Tokenizer.from_file(str(path)),
+            chat_template=template,
+            bos_token=_token_text(config.get("bos_token")),
+            eos_token=_token_text(config.get("eos_token")),
+        )
 
     @classmethod
     def from_gpt2_files(cls, vocab_json: Path, merges_txt: Path) -> "ChatTokenizer":
@@ -167,6 +221,40 @@ class ChatTokenizer:
     def save_gpt2_files(self, directory: Path) -> None:
         """Write vocab.json + merges.txt, the files GPT-2 tokenizers elsewhere read."""
         self._tok.model.save(str(directory))
+
+
+def _template_source(value: object) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of named ones (the "default" is used)."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
+
+
+def _token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken's {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _is_byte_level(tok: Tokenizer) -> bool:
+    """Whether tokens are spelled in GPT-2's byte alphabet (else SentencePiece style: "▁" and <0xNN>)."""
+    decoder = json.loads(tok.to_str()).get("decoder") or {}
+    kinds = [decoder.get("type"), *(d.get("type") for d in decoder.get("decoders", []))]
+    return "ByteLevel" in kinds or not any(kinds)
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    return bytes(_BYTE_OF[c] for c in token) if all(c in _BYTE_OF for c in token) else token.encode()
+
+
+def _sentencepiece_bytes(token: str) -> bytes:
+    byte = _BYTE_TOKEN.fullmatch(token)
+    return bytes([int(byte.group(1), 16)]) if byte else token.replace("\u2581", " ").encode()
 
 
 def _byte_level(tok: Tokenizer) -> Tokenizer:

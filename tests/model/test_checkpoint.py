@@ -208,10 +208,11 @@ def test_missing_files_are_reported(ours_dir: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_config_is_reported(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="neither our format"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    expected = r"\['MambaForCausalLM'\] is not supported; supported: our checkpoint folders, GPT-2.*LlamaForCausalLM"
+    with pytest.raises(CheckpointError, match=expected):
         load_model(tmp_path)
-    with pytest.raises(CheckpointError, match="neither our format"):
+    with pytest.raises(CheckpointError, match=expected):
         load_tokenizer(tmp_path)
 
 

@@ -1,5 +1,5 @@
 """Packed weights' products and a lone stream's decoding steps in C (model/cpu_kernels.c): the same
-results and tokens as the model, and a fallback."""
+results and tokens as the model, for the GPT-2 family's options and the Llama family's, and a fallback."""
 
 import ctypes
 import os
@@ -25,12 +25,23 @@ from model.kv_pool import RowKVCache
 
 # 2 layers, a 48-token window: long replies slide it
 CONFIG = GPTConfig(vocab_size=700, block_size=48, n_layer=2, n_head=4, n_embd=128)
+# Llama's options: rotary positions (Llama 3's scaling), RMSNorm, SwiGLU, 2 key/value heads for 4
+# query heads, a separate LM head; Qwen2's: q/k/v biases alone, a tied head
+LLAMA = dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, n_inner=200, bias=False,
+             tie_embeddings=False, rope_scaling="llama3", rope_factor=8.0, rope_original_context=16)
+CONFIGS = {
+    "bias": CONFIG,
+    "no-bias": replace(CONFIG, bias=False),
+    "llama": GPTConfig(**{**CONFIG.to_dict(), **LLAMA, "qkv_bias": False, "n_inner": 200}),
+    "qwen2": GPTConfig(**{**CONFIG.to_dict(), **LLAMA, "qkv_bias": True, "tie_embeddings": True,
+                          "rope_scaling": "none", "rope_theta": 1e6, "norm_eps": 1e-6}),
+}
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.2, max_new_tokens=70)
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["bias", "no-bias"])
+@pytest.fixture(scope="module", params=list(CONFIGS))
 def model(request: pytest.FixtureRequest) -> GPT:
-    return sharp(GPT(replace(CONFIG, bias=request.param)).eval(), seed=3)
+    return sharp(GPT(CONFIGS[request.param]).eval(), seed=3)
 
 
 def sharp(model: GPT, seed: int) -> GPT:
@@ -40,7 +51,7 @@ def sharp(model: GPT, seed: int) -> GPT:
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("c_attn.weight"):
+            if name.endswith(("c_attn.weight", "c_fc.weight")):
                 p.normal_(std=0.15)
             elif name.endswith("bias") or ".ln_" in name:
                 p.add_(torch.randn_like(p), alpha=0.1)
@@ -105,14 +116,17 @@ def test_pack_puts_sixteen_outputs_of_one_input_side_by_side() -> None:
 
 
 def test_a_block_step_gives_the_blocks_output_and_stores_its_key_and_value(model: GPT, prepared: GPT) -> None:
+    config = model.config
     torch.manual_seed(5)
+    # rotary models: the block's own code takes the angles of its positions; the kernel reads the table
+    ropes = [None, None] if model.rotary is None else [model.rotary(torch.arange(6)), model.rotary(torch.tensor([6]))]
     for layer, (theirs, ours) in enumerate(zip(model.transformer.h, prepared.transformer.h)):
-        caches = [KVCache(CONFIG, 1, torch.device("cpu"), torch.float32) for _ in range(2)]
-        prefix, x = torch.randn(1, 6, CONFIG.n_embd), torch.randn(1, 1, CONFIG.n_embd)
+        caches = [KVCache(config, 1, torch.device("cpu"), torch.float32) for _ in range(2)]
+        prefix, x = torch.randn(1, 6, config.n_embd), torch.randn(1, 1, config.n_embd)
         with torch.inference_mode():
-            expected = [block(prefix, cache, 0) for block, cache in zip((theirs, ours), caches)]  # own code
+            expected = [block(prefix, cache, 0, ropes[0]) for block, cache in zip((theirs, ours), caches)]  # own code
             torch.testing.assert_close(expected[1], expected[0])
-            expected, got = theirs(x, caches[0], 6), ours(x, caches[1], 6)
+            expected, got = theirs(x, caches[0], 6, ropes[1]), ours(x, caches[1], 6, ropes[1])
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(caches[1].k[layer], caches[0].k[layer], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(caches[1].v[layer], caches[0].v[layer], rtol=1e-5, atol=1e-5)
@@ -121,17 +135,19 @@ def test_a_block_step_gives_the_blocks_output_and_stores_its_key_and_value(model
 def test_a_lone_streams_steps_run_the_kernel_and_give_the_models_tokens(
     model: GPT, prepared: GPT, block_calls: list[int]
 ) -> None:
+    config = model.config
     prompt = [7, 8, 9, 10, 11]
     with torch.inference_mode():
         expected = list(generate_tokens(model, prompt, GREEDY))
     assert served(prepared, prompt, GREEDY) == expected  # 70 tokens: the 48-token window slides
-    assert len(block_calls) >= CONFIG.n_layer * 50 and all(len(rows) == 1 for rows in block_calls)
-    assert max(rows[0] for rows in block_calls) == CONFIG.block_size - 1  # up to the window's last position
+    assert len(block_calls) >= config.n_layer * 50 and all(len(rows) == 1 for rows in block_calls)
+    assert max(rows[0] for rows in block_calls) == config.block_size - 1  # up to the window's last position
 
 
 def test_the_next_turn_of_a_conversation_runs_its_last_prompt_token_through_the_kernel(
     model: GPT, prepared: GPT, block_calls: list[int]
 ) -> None:
+    config = model.config
     """A turn whose prompt is the cached one plus a token prefills that token alone, as a decoding step."""
     params = replace(GREEDY, max_new_tokens=5)
     batcher = Batcher(prepared, max_batch=2, cache_bytes=2**22, prefill_chunk=16)
@@ -142,14 +158,15 @@ def test_the_next_turn_of_a_conversation_runs_its_last_prompt_token_through_the_
         expected = list(generate_tokens(model, second, params))
     assert served(prepared, second, params, "c", batcher) == expected
     assert batcher.stats().reused_tokens == len(second) - 1
-    assert block_calls[: CONFIG.n_layer] == [[len(second) - 1]] * CONFIG.n_layer  # the prompt's last token
+    assert block_calls[: config.n_layer] == [[len(second) - 1]] * config.n_layer  # the prompt's last token
 
 
 def test_a_batched_step_runs_the_kernel_with_each_rows_own_positions(model: GPT, prepared: GPT,
                                                                       block_calls: list[list[int]]) -> None:
+    config = model.config
     """Rows of different lengths in one step give the logits of the model's own batched step,
     and each row's new key and value land at its own position; prefills run the block's code."""
-    caches = [RowKVCache(CONFIG, 3, torch.device("cpu"), torch.float32) for _ in range(2)]
+    caches = [RowKVCache(config, 3, torch.device("cpu"), torch.float32) for _ in range(2)]
     prompts = [[4, 5, 6], list(range(10, 30)), [7]]
     with torch.inference_mode():
         for m, kv in zip((model, prepared), caches):
@@ -162,7 +179,7 @@ def test_a_batched_step_runs_the_kernel_with_each_rows_own_positions(model: GPT,
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[1].k[:, :, :, :21], caches[0].k[:, :, :, :21], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[1].v[:, :, :, :21], caches[0].v[:, :, :, :21], rtol=1e-5, atol=1e-5)
-    assert block_calls == [[3, 20, 1]] * CONFIG.n_layer
+    assert block_calls == [[3, 20, 1]] * config.n_layer
 
 
 def test_the_kernels_gelu_matches_torchs_over_a_wide_range() -> None:
@@ -301,11 +318,12 @@ def test_a_packed_linear_keeps_its_inputs_leading_dimensions_and_refuses_other_d
 
 
 def test_a_step_past_the_cache_is_refused_not_written(prepared: GPT) -> None:
-    cache = KVCache(prepared.config, 1, torch.device("cpu"), torch.float32)
-    x = torch.ones(1, 1, CONFIG.n_embd)
+    config = prepared.config
+    cache = KVCache(config, 1, torch.device("cpu"), torch.float32)
+    x = torch.ones(1, 1, config.n_embd)
     with pytest.raises(ValueError, match="outside the cache.s 48"):
-        prepared.transformer.h[0](x, cache, CONFIG.block_size)
-    pool = RowKVCache(CONFIG, 2, torch.device("cpu"), torch.float32)
+        prepared.transformer.h[0](x, cache, config.block_size)
+    pool = RowKVCache(config, 2, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="outside the cache.s 48"):
         prepared.transformer.h[0].decode_rows(x.expand(2, 1, -1), pool, torch.tensor([3, 48]), torch.zeros(0))
     assert pool.k.count_nonzero() == 0 and pool.v.count_nonzero() == 0
