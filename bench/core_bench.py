@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from bot.config import Settings  # noqa: E402
+from bot.config import SHIPPED_MODEL, Settings  # noqa: E402
 from bot.messages import Incoming  # noqa: E402
 from bot.sessions import SessionManager  # noqa: E402
 from model.checkpoint import LoadedModel, load_model  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=400, help="messages per run (default 400)")
     parser.add_argument("--postgres", default=os.environ.get("TEST_DATABASE_URL"), help="a PostgreSQL URL to measure too")
     args = parser.parse_args()
-    loaded = load_model(Settings(_env_file=None).model_path)
+    loaded = load_model(SHIPPED_MODEL)
     backends = {"SQLite": "sqlite"}
     if args.postgres:
         backends["PostgreSQL"] = args.postgres

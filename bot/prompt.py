@@ -1,4 +1,5 @@
-"""Prompts: a Jinja2 template rendered to token ids, with the history fitted to the model's window."""
+"""Prompts: our Jinja2 template or the model's own chat template, rendered to token ids, with the history
+fitted to the model's window."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import jinja2
 
+from model.chat_template import ChatTemplate
 from model.tokenizer import ChatTokenizer
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "chat.j2"
@@ -65,6 +67,60 @@ class PromptTemplate:
                 ids += tokenizer.encode(part)
         return ids
 
+    def turn_cost(self, tokenizer: ChatTokenizer, turn: Turn) -> int:
+        """Tokens a turn takes in the prompt, as the default template spends them."""
+        return len(tokenizer.turn(turn.role, turn.text))
+
+
+class ChatPrompt:
+    """An instruct model's own chat template: the conversation as chat messages, rendered by the template.
+
+    The persona and the user's name make the system message; the turns and the new message
+    follow as user and assistant messages. For templates that insist on alternating roles
+    (Llama 2's, Mistral's), adjacent turns of one role become one message and the turns start
+    with a user message.
+    """
+
+    def __init__(self, template: ChatTemplate, tokenizer: ChatTokenizer) -> None:
+        self.template = template
+        # Render now, so a template that fails for our messages stops start-up instead of every reply;
+        # and learn what a turn costs beyond its text (the template's markers around it).
+        one = self.render(tokenizer, persona="p", user_name="u", turns=[], message="m")
+        turns = [Turn("user", "a"), Turn("bot", "b")]
+        three = self.render(tokenizer, persona="p", user_name="u", turns=turns, message="m")
+        texts = len(tokenizer.encode("a")) + len(tokenizer.encode("b"))
+        self._turn_markers = max(0, -(-(len(three) - len(one) - texts) // 2))  # per turn, rounded up
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: ChatTokenizer) -> ChatPrompt:
+        """The prompt of a tokenizer that has a chat template."""
+        return cls(ChatTemplate.for_tokenizer(tokenizer), tokenizer)
+
+    def messages(self, *, persona: str, user_name: str, turns: Sequence[Turn], message: str) -> list[dict[str, str]]:
+        """The chat messages: system, then the turns from the first user turn on, then the new message."""
+        about_user = f"You are talking with {user_name}." if user_name else ""
+        system = " ".join(part for part in (persona.strip(), about_user) if part)
+        messages = [{"role": "system", "content": system}] if system else []  # else the template's default
+        chat: list[dict[str, str]] = []
+        for role, text in [*((t.role, t.text) for t in turns), ("user", message)]:
+            role = "assistant" if role == "bot" else "user"
+            if chat and chat[-1]["role"] == role:
+                chat[-1]["content"] += "\n\n" + text
+            elif chat or role == "user":
+                chat.append({"role": role, "content": text})
+        return messages + chat
+
+    def render(
+        self, tokenizer: ChatTokenizer, *, persona: str, user_name: str, turns: Sequence[Turn], message: str
+    ) -> list[int]:
+        """Token ids of the messages, as the chat template places them, ending with the assistant's cue."""
+        chat = self.messages(persona=persona, user_name=user_name, turns=turns, message=message)
+        return self.template.encode(tokenizer, chat, add_generation_prompt=True)
+
+    def turn_cost(self, tokenizer: ChatTokenizer, turn: Turn) -> int:
+        """Tokens a turn takes in the prompt: its text and the template's markers around it."""
+        return len(tokenizer.encode(turn.text)) + self._turn_markers
+
 
 def cut_start(tokenizer: ChatTokenizer, text: str, max_tokens: int) -> str:
     """Text shortened to about max_tokens tokens by dropping its start, visibly marked."""
@@ -88,10 +144,12 @@ def cut_end(tokenizer: ChatTokenizer, text: str, max_tokens: int) -> str:
 class FittedPrompt:
     ids: list[int]
     first: int  # index in the history of the oldest turn kept (len(history) when none)
+    # the chat messages that produced ids (ChatPrompt), for an engine that renders them itself
+    messages: list[dict[str, str]] | None = None
 
 
 def build_prompt(
-    template: PromptTemplate,
+    template: PromptTemplate | ChatPrompt,
     tokenizer: ChatTokenizer,
     *,
     persona: str,
@@ -129,7 +187,7 @@ def build_prompt(
         ids = render([], message)
 
     room = budget - len(ids)
-    costs = [len(tokenizer.turn(t.role, t.text)) for t in history]  # what the default template spends on a turn
+    costs = [template.turn_cost(tokenizer, t) for t in history]
     first = _oldest_fitting(costs, room)
     if keep_from is not None and first > keep_from:  # the previous start no longer fits: drop a chunk
         first = _oldest_fitting(costs, room // 2)
@@ -139,6 +197,9 @@ def build_prompt(
     while len(ids) > budget and first < len(history):  # a template that spends more per turn: drop the oldest
         first += 1
         ids = render(history[first:], message)
+    if isinstance(template, ChatPrompt):
+        chat = template.messages(persona=persona, user_name=user_name, turns=history[first:], message=message)
+        return FittedPrompt(ids, first, chat)
     return FittedPrompt(ids, first)
 
 

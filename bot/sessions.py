@@ -20,7 +20,7 @@ from bot.identity import AccountLinking
 from bot.limits import RateLimiter, Ticket, Turnstile, seconds_text
 from bot.messages import ErrorKind, Incoming, Reply
 from bot.metrics import CANCELLED, OK, TIMEOUT, Metrics, TurnRecord
-from bot.prompt import PromptTemplate, Turn, build_prompt
+from bot.prompt import ChatPrompt, FittedPrompt, PromptTemplate, Turn, build_prompt
 from model.engine import EngineBusy, ReplyEngine
 from model.generate import SamplingParams
 from storage import repository
@@ -70,7 +70,7 @@ class SessionManager:
         sessions: async_sessionmaker[AsyncSession],
         engine: ReplyEngine,
         *,
-        template: PromptTemplate | None = None,
+        template: PromptTemplate | ChatPrompt | None = None,
         linking: AccountLinking | None = None,
         rate_limiter: RateLimiter | None = None,
         metrics: Metrics | None = None,
@@ -79,7 +79,7 @@ class SessionManager:
         self.settings = settings
         self.sessions = sessions
         self.engine = engine
-        self.template = template or PromptTemplate(settings.prompt_template)
+        self.template = template or _prompt_template(settings, engine)
         self.access = Access(settings)
         self.rate_limiter = rate_limiter or RateLimiter(*parse_rate(settings.rate_limit))
         self.turnstile = Turnstile(max_waiting=settings.max_waiting_per_user)
@@ -244,8 +244,9 @@ class SessionManager:
         """Messages worth loading: no more than could fit in the window (a turn takes at least 3 tokens)."""
         return min(self.settings.history_messages, self.engine.context_size // 3 + 1)
 
-    def prompt(self, turn: TurnContext, text: str) -> list[int]:
-        """The model's input for a new message after the turn's history.
+    def prompt(self, turn: TurnContext, text: str) -> FittedPrompt:
+        """The model's input for a new message after the turn's history: token ids, and chat messages where
+        the model has a chat template.
 
         Remembers which stored turn the prompt starts with, so that the conversation's next
         prompt starts there too while it fits (see build_prompt) and extends this one.
@@ -269,7 +270,7 @@ class SessionManager:
             self._prompt_starts[turn.conversation_id] = first_id
             if len(self._prompt_starts) > PROMPT_STARTS_KEPT:
                 del self._prompt_starts[next(iter(self._prompt_starts))]  # the least recently used
-        return fitted.ids
+        return fitted
 
     async def _generate(self, turn: TurnContext, text: str, queue: asyncio.Queue[object], record: TurnRecord) -> None:
         prompt = self.prompt(turn, text)
@@ -280,7 +281,12 @@ class SessionManager:
         try:
             async with asyncio.timeout(self.settings.reply_timeout):
                 # The conversation id lets the engine reuse the KV cache of the previous turn.
-                replies = self.engine.stream(prompt, self._sampling(turn.preferences), cache_key=str(turn.conversation_id))
+                replies = self.engine.stream(
+                    prompt.ids,
+                    self._sampling(turn.preferences),
+                    cache_key=str(turn.conversation_id),
+                    messages=prompt.messages,
+                )
                 async with aclosing(replies) as stream:
                     async for piece in stream:
                         if not pieces:
@@ -310,7 +316,7 @@ class SessionManager:
             tokens = len(self.engine.loaded.tokenizer.encode(reply))
             record.replied(outcome, tokens=tokens, reply=reply)
             # A task of its own, tracked by close(): a cancelled reply is still recorded, as cancelled.
-            row = (turn, reply, status, elapsed_ms, len(prompt), tokens)
+            row = (turn, reply, status, elapsed_ms, len(prompt.ids), tokens)
             store = self._track(asyncio.create_task(self._keep_reply(turn, lambda: self._store_reply(*row))))
             # The reply ends once stored, but its reader waits no more than a second for a database
             # that is away; the turn (and so the place's next one) waits for the store in any case.
@@ -374,6 +380,14 @@ class SessionManager:
         """Wait for replies in progress, so every one of them is stored."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _prompt_template(settings: Settings, engine: ReplyEngine) -> PromptTemplate | ChatPrompt:
+    """An admin's template file first; else the model's own chat template, where it has one; else ours."""
+    tokenizer = engine.loaded.tokenizer
+    if settings.prompt_template is None and tokenizer.chat_template is not None:
+        return ChatPrompt.for_tokenizer(tokenizer)
+    return PromptTemplate(settings.prompt_template)
 
 
 def _place_key(msg: Incoming) -> tuple[str, str, str, str]:

@@ -1,55 +1,45 @@
-"""Our inference engine behind an OpenAI-compatible completions API, so several bot processes can share it."""
+"""Our inference engine behind an OpenAI-compatible API (completions and chat), so several bots can share it."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, replace
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from model.engine import EngineBusy, EngineError, InferenceEngine
-from model.generate import SamplingParams
-from model.reply_text import ReplyText
+from model.chat_completions import add_chat_completions
+from model.engine import InferenceEngine
+from model.openai_wire import (
+    ENGINE_KEY,
+    MAX_TOKENS,
+    NAME_KEY,
+    RequestError,
+    SamplingFields,
+    answer,
+    check_model,
+    check_token_ids,
+    parse_body,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 4096  # as BOT_MAX_REPLY_TOKENS: one request must not hold a batch row for ever
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
-ENGINE_KEY = web.AppKey("engine", InferenceEngine)
-NAME_KEY = web.AppKey("model_name", str)
+class CompletionRequest(SamplingFields):
+    """The fields of POST /v1/completions we honour, besides the sampling ones both APIs share.
 
-
-class CompletionRequest(BaseModel):
-    """The fields of POST /v1/completions we honour; the vLLM extras top_k, repetition_penalty, stop_token_ids.
-
-    Strict: "0.5" is not a number here, as with OpenAI. Fields we do not know are ignored;
-    those that would change the answer in ways we cannot (n, echo, logprobs) are refused.
+    echo and logprobs, which would change the answer in ways we cannot, are refused.
     """
 
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    model: str | None = None
     prompt: str | list[int]
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)  # -1 or 0: off
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)  # what torch.Generator.manual_seed takes
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] = []
-    stream: bool = False
-    n: Literal[1] = 1
     echo: Literal[False] = False
     logprobs: None = None
 
@@ -62,57 +52,42 @@ class CompletionRequest(BaseModel):
             return value
         raise ValueError("must be a string or a list of token ids (one prompt per request)")
 
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_strings(cls, value: Any) -> Any:
-        strings = [value] if isinstance(value, str) else value
-        if strings is not None and not (isinstance(strings, list) and all(isinstance(s, str) and s for s in strings)):
-            raise ValueError("must be a non-empty string or a list of them")
-        return value
 
-    def sampling(self) -> SamplingParams:
-        """Our SamplingParams for this request."""
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return SamplingParams(
-            temperature=self.temperature,
-            top_k=max(self.top_k, 0),
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-            max_new_tokens=self.max_tokens,
-            stop_ids=tuple(self.stop_token_ids),
-            stop_strings=tuple(stop),
-            seed=self.seed,
-        )
+@dataclass(frozen=True)
+class CompletionShape:
+    """A completion's answer as OpenAI words it: text_completion objects, the text in choices[0].text."""
 
+    id: str
+    created: int
+    model: str
 
-class RequestError(Exception):
-    """A request we answer with an OpenAI-style error body."""
+    def opening(self) -> list[dict[str, Any]]:
+        return []
 
-    def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._chunk(text, None)
 
-    def response(self) -> web.Response:
-        error = {"message": str(self), "type": self.kind, "param": self.param, "code": None}
-        return web.json_response({"error": error}, status=self.status)
+    def end(self, finish_reason: str) -> dict[str, Any]:
+        return self._chunk("", finish_reason)
 
+    def whole(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self._chunk(text, finish_reason), "usage": usage}
 
-@dataclass
-class _Progress:
-    """What a running completion has done so far, for finish_reason and usage."""
-
-    tokens: int = 0
-    finish_reason: str = "length"
+    def _chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [choice]
+        }
 
 
 def completions_app(engine: InferenceEngine, *, api_key: str | None = None) -> web.Application:
-    """The web app: POST /v1/completions and GET /v1/models, with a Bearer key required when api_key is set."""
+    """The web app: POST /v1/completions, POST /v1/chat/completions (models with a chat template) and
+    GET /v1/models, with a Bearer key required when api_key is set."""
     app = web.Application(middlewares=[_errors, *([_bearer(api_key)] if api_key else [])])
     app[ENGINE_KEY] = engine
     app[NAME_KEY] = engine.loaded.name
     app.router.add_post("/v1/completions", _completions)
+    add_chat_completions(app)
     app.router.add_get("/v1/models", _models)
     return app
 
@@ -173,109 +148,17 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _completions(request: web.Request) -> web.StreamResponse:
     engine, name = request.app[ENGINE_KEY], request.app[NAME_KEY]
-    body = await _parse(request)
-    if body.model is not None and body.model != name:
-        raise RequestError(
-            404, f"the model {body.model!r} is not served here; this server serves {name!r}", param="model"
-        )
+    body = await parse_body(request, CompletionRequest)
+    check_model(body, name)
     prompt = await _prompt_ids(engine, body)
-    params = body.sampling()
-    progress = _Progress()
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-
-    def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {
-            "id": completion_id, "object": "text_completion", "created": created, "model": name, "choices": [choice]
-        }
-
-    async with aclosing(_pieces(engine, prompt, params, progress)) as pieces:
-        try:
-            first = await anext(pieces, None)
-        except EngineBusy as exc:
-            raise RequestError(429, f"the server is busy: {exc}; try again shortly", "rate_limit_error") from exc
-        except EngineError as exc:
-            raise RequestError(503, str(exc), "server_error") from exc
-        if not body.stream:
-            text = [first or ""]
-            try:
-                text += [piece async for piece in pieces]
-            except EngineError as exc:
-                raise RequestError(500, str(exc), "server_error") from exc
-            usage = {
-                "prompt_tokens": len(prompt),
-                "completion_tokens": progress.tokens,
-                "total_tokens": len(prompt) + progress.tokens,
-            }
-            return web.json_response({**chunk("".join(text), progress.finish_reason), "usage": usage})
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
-        try:
-            if first is not None:
-                await _send(response, chunk(first, None))
-            async for piece in pieces:
-                await _send(response, chunk(piece, None))
-            await _send(response, chunk("", progress.finish_reason))
-        except EngineError as exc:
-            log.warning("completion %s failed: %s", completion_id, exc)
-            await _send(response, {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
-        except ConnectionResetError:  # the client hung up: closing pieces stops the generation
-            return response
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-
-async def _parse(request: web.Request) -> CompletionRequest:
-    try:
-        raw = await request.json()
-    except ValueError as exc:
-        raise RequestError(400, f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RequestError(400, "the body must be a JSON object")
-    try:
-        return CompletionRequest.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-        )
-        raise RequestError(400, problems, param=field or None) from exc
+    shape = CompletionShape(f"cmpl-{uuid.uuid4().hex}", int(time.time()), name)
+    return await answer(request, prompt, body.sampling(body.max_tokens), stream=body.stream, shape=shape)
 
 
 async def _prompt_ids(engine: InferenceEngine, body: CompletionRequest) -> list[int]:
     """The prompt as token ids; text is encoded as plain text (marker-looking text stays text)."""
-    vocab = engine.loaded.config.vocab_size
-    ids = body.prompt if isinstance(body.prompt, list) else []
-    for field, checked in (("prompt", ids), ("stop_token_ids", body.stop_token_ids)):
-        if not all(0 <= i < vocab for i in checked):
-            raise RequestError(400, f"{field}: token ids must lie in [0, {vocab})", param=field)
+    check_token_ids(engine, "prompt", body.prompt if isinstance(body.prompt, list) else [])
+    check_token_ids(engine, "stop_token_ids", body.stop_token_ids)
     if isinstance(body.prompt, str):
         return await asyncio.to_thread(engine.loaded.tokenizer.encode, body.prompt)
     return body.prompt
-
-
-async def _pieces(
-    engine: InferenceEngine, prompt: list[int], params: SamplingParams, progress: _Progress
-) -> AsyncIterator[str]:
-    """The reply's text as engine.stream gives it, while counting tokens and telling why it ended."""
-    tokenizer = engine.loaded.tokenizer
-    params = replace(params, stop_ids=(*params.stop_ids, *sorted(tokenizer.special_ids)))
-    text = ReplyText(tokenizer, params.stop_strings)
-    async with aclosing(engine.stream_tokens(prompt, params)) as tokens:
-        async for token in tokens:
-            progress.tokens += 1
-            if piece := text.push(token):
-                yield piece
-            if text.stopped:
-                progress.finish_reason = "stop"
-                return
-    if progress.tokens < params.max_new_tokens:
-        progress.finish_reason = "stop"  # a stop id, a special token
-    if rest := text.finish():
-        yield rest
-
-
-async def _send(response: web.StreamResponse, event: dict[str, Any]) -> None:
-    await response.write(f"data: {json.dumps(event)}\n\n".encode())

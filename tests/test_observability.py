@@ -23,12 +23,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.config import Settings
+from bot.config import SHIPPED_MODEL, Settings
 from bot.console_adapter import ConsoleAdapter
 from bot.discord_adapter import DiscordAdapter
 from bot.health import Readiness
@@ -354,6 +353,7 @@ async def test_run_bot_serves_metrics_and_never_prints_a_secret(tmp_path: Path) 
         "BOT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
         "BOT_HTTP_PORT": str(port),
         "BOT_MAX_REPLY_TOKENS": "8",
+        "BOT_MODEL_PATH": str(SHIPPED_MODEL),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "run_bot.py"), "--adapter", "console",

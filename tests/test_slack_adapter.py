@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from bot.config import Settings
+from bot.config import SHIPPED_MODEL, Settings
 from bot.sessions import SessionManager
 from bot.slack_adapter import EVENTS_PATH, SlackAdapter, SlackSetupError, slack_client
 from bot.slack_format import escape, from_slack, split_message
@@ -54,7 +54,7 @@ Start = Callable[..., Awaitable[Bot]]
 
 @pytest.fixture(scope="module")
 def shipped() -> LoadedModel:
-    return load_model(Settings(_env_file=None).model_path)
+    return load_model(SHIPPED_MODEL)
 
 
 @pytest.fixture(scope="module")

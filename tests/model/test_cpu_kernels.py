@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from model import cpu_kernels
 from model.batching import Batcher, Request

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from model.config import GPTConfig
-from model.gpt import GPT
 
 POS_ENCODINGS = ["learned", "sinusoidal"]
 
