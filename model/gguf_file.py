@@ -81,8 +81,6 @@ class GGUFModel:
     chat_template: str | None
     bos_token: str | None
     eos_token: str | None
-    # Whether llama.cpp puts BOS before a prompt; the tokenizer itself never adds it.
-    add_bos_token: bool = False
 
 
 def read_gguf_metadata(path: Path) -> GGUFModel:
@@ -146,9 +144,6 @@ def _describe(path: Path, reader: gguf.GGUFReader) -> GGUFModel:
         chat_template=fields.get("tokenizer.chat_template"),
         bos_token=tokens[bos] if bos is not None and bos < len(tokens) else None,
         eos_token=tokens[eos] if eos is not None and eos < len(tokens) else None,
-        # Files without the flag: llama.cpp adds BOS for SentencePiece vocabularies only.
-        add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token",
-                                      fields.get("tokenizer.ggml.model") == "llama")),
     )
 
 

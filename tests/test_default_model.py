@@ -15,6 +15,7 @@ import pytest
 from bot.config import SHIPPED_MODEL, Settings
 from bot.messages import Incoming
 from bot.sessions import SessionManager
+from fakes.llama_family import write_unsupported_gguf
 from model.checkpoint import LoadedModel, load_model
 from model.engine import InferenceEngine
 from storage.db import make_engine, make_session_factory
@@ -51,6 +52,15 @@ def test_where_the_model_cannot_be_fetched_the_shipped_model_answers_after_one_l
     assert "Traceback" not in result.stderr
     assert result.stdout.strip(), "the shipped model answered"
     assert not list((tmp_path / "models").glob("*.gguf")), "nothing half-fetched is left"
+
+
+@pytest.mark.parametrize("what", ["architecture", "qtype"])
+def test_an_unsupported_model_file_stops_start_up_with_one_line(tmp_path: Path, what: str) -> None:
+    path = write_unsupported_gguf(tmp_path / f"odd-{what}.gguf", what)
+    result = chat(tmp_path, "hello\n", BOT_MODEL_PATH=str(path))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "supported" in errors[0] and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -278,7 +278,7 @@ def run_cli(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProce
     base = {k: v for k, v in os.environ.items() if not k.startswith("BOT_") and "TOKEN" not in k and "SECRET" not in k}
     return subprocess.run(
         [sys.executable, str(ROOT / "run_bot.py"), *args],
-        env={**base, **env},
+        env={**base, "BOT_MODEL_PATH": str(SHIPPED_MODEL), **env},
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -205,7 +205,7 @@ def test_sentencepiece_tokenizer_matches_tinyllama_style_tokenizer_json(tmp_path
     for text in [*TEXTS, "<s>Hi</s> there", " x"]:
         ids = model.tokenizer.encode(text, add_special_tokens=False).ids
         assert ids == expected.encode(text, add_special_tokens=False).ids, text
-    assert (model.bos_token, model.eos_token, model.add_bos_token) == ("<s>", "</s>", True)
+    assert (model.bos_token, model.eos_token) == ("<s>", "</s>")
     assert model.tokenizer.encode("Hello").ids == expected.encode("Hello").ids[1:]  # no BOS
     # transformers' GGUF Llama tokenizer puts the space only before the whole input, and not
     # before input that already starts with one; elsewhere it agrees with llama.cpp and us.

@@ -111,9 +111,11 @@ def test_quantized_gguf_files_give_transformers_gguf_logits(tmp_path: Path, hf_f
         assert_same_logits(load_model(path), theirs.eval())
 
 
-def test_greedy_tokens_equal_transformers_alone_and_in_a_busy_engine_batch(hf_folder: Path,
-                                                                          theirs: torch.nn.Module) -> None:
-    loaded = load_model(hf_folder)
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_greedy_tokens_equal_transformers_alone_and_in_a_busy_engine_batch(hf_folder: Path, theirs: torch.nn.Module,
+                                                                          source: str, tmp_path: Path) -> None:
+    path = hf_folder if source == "hf" else write_gguf(hf_folder, tmp_path / "tiny.gguf", qtype="F32")
+    loaded = load_model(path)
     expected = [their_greedy(theirs, p, GREEDY.max_new_tokens) for p in prompts()]
     with torch.inference_mode():
         assert [list(generate_tokens(loaded.model, p, GREEDY)) for p in prompts()] == expected
