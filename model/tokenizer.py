@@ -49,15 +49,23 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 class StreamDecoder:
-    """Turns token ids into text one at a time, never emitting half a UTF-8 character."""
+    """Turns token ids into text one at a time, never emitting half a UTF-8 character.
 
-    def __init__(self, token_bytes: list[bytes]) -> None:
+    strip_first_space: drop the space that opens the text, as SentencePiece decoders do (its
+    words carry their space in front: a reply's first word would start with one)."""
+
+    def __init__(self, token_bytes: list[bytes], strip_first_space: bool = False) -> None:
         self._token_bytes = token_bytes
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip = strip_first_space
 
     def push(self, token_id: int) -> str:
         """The characters completed by this token ('' while a character is still partial)."""
-        return self._utf8.decode(_bytes_of(self._token_bytes, token_id))
+        text = self._utf8.decode(_bytes_of(self._token_bytes, token_id))
+        if self._strip and text:
+            self._strip = False
+            return text.removeprefix(" ")
+        return text
 
     def flush(self) -> str:
         """Whatever is left at the end (an incomplete character becomes U+FFFD)."""
@@ -114,7 +122,8 @@ class ChatTokenizer:
         ) | {self.eos_id, *self._role_ids.values()}
         # raw bytes of every token, for exact and streaming decoding; special tokens give b""
         self._token_bytes = [b""] * self.vocab_size
-        to_bytes = _byte_level_bytes if _is_byte_level(tokenizer) else _sentencepiece_bytes
+        self._sentencepiece = not _is_byte_level(tokenizer)
+        to_bytes = _sentencepiece_bytes if self._sentencepiece else _byte_level_bytes
         for token, i in vocab.items():
             if i not in self.special_ids:
                 self._token_bytes[i] = to_bytes(token)
@@ -142,9 +151,10 @@ class ChatTokenizer:
         return self._tok.token_to_id(token)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ids; special ids are dropped."""
+        """Text of ids; special ids are dropped (and SentencePiece's opening space, see StreamDecoder)."""
         raw = b"".join(_bytes_of(self._token_bytes, i) for i in ids)
-        return raw.decode("utf-8", errors="replace")
+        text = raw.decode("utf-8", errors="replace")
+        return text.removeprefix(" ") if self._sentencepiece else text
 
     def role_marker(self, role: str) -> list[int]:
         """What opens a turn of role: [<|role|>] for ours; nothing for the GPT-2 family."""
@@ -161,7 +171,7 @@ class ChatTokenizer:
         return self.role_marker("bot")
 
     def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self._token_bytes)
+        return StreamDecoder(self._token_bytes, strip_first_space=self._sentencepiece)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "ChatTokenizer":

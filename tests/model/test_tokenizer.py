@@ -204,3 +204,30 @@ def test_remembered_encodings_are_the_same_and_cannot_be_changed_by_callers(chat
     assert again == chat_tokenizer._tok.encode(text).ids
     long_text = "word " * 1000  # longer than what is remembered: encoded afresh, the same way
     assert chat_tokenizer.encode(long_text) == chat_tokenizer._tok.encode(long_text).ids
+
+
+@cache
+def instruct_tokenizers() -> tuple[ChatTokenizer, ...]:
+    """Instruct models' tokenizers: byte-level BPE (SmolLM2's, Qwen2's, Llama 3's shapes) and SentencePiece
+    with byte fallback (TinyLlama's), with a chat template."""
+    from fakes.llama_family import CHATML_TEMPLATE, ZEPHYR_TEMPLATE, tiny_sentencepiece_tokenizer, tiny_tokenizer
+
+    byte_level = [ChatTokenizer(tiny_tokenizer(pre), chat_template=CHATML_TEMPLATE, eos_token="<|im_end|>")
+                  for pre in ("smollm", "qwen2", "llama-bpe")]
+    sentencepiece = ChatTokenizer(tiny_sentencepiece_tokenizer(), chat_template=ZEPHYR_TEMPLATE, bos_token="<s>",
+                                  eos_token="</s>")
+    return (*byte_level, sentencepiece)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=tricky_text.filter(lambda t: not t.startswith(" ")))
+@example(text="Hello there!\nHow are you? Zürich 21°C 🌞 <|im_end|></s><|eot_id|>")
+def test_instruct_tokenizers_decode_as_their_own_library_and_never_give_special_ids(text: str) -> None:
+    """Decoding (whole and streamed) gives what `tokenizers` gives, SentencePiece's opening space dropped too."""
+    for tok in instruct_tokenizers():
+        ids = tok.encode(text)
+        assert not set(ids) & tok.special_ids
+        expected = tok._tok.decode(ids)  # the library's own decoder chain
+        assert tok.decode(ids) == expected
+        decoder = tok.stream_decoder()
+        assert "".join(decoder.push(i) for i in ids) + decoder.flush() == expected
