@@ -53,13 +53,15 @@ def wait_for_user_message(db: Path, text: str, process: subprocess.Popen[str], t
 
 def test_sigterm_mid_reply_lets_it_finish_then_exits_0(tmp_path: Path, model_folder: Path) -> None:
     db = tmp_path / "bot.db"
-    env = sqlite_env(db, model_folder, BOT_MAX_REPLY_TOKENS=str(LONG), BOT_SHUTDOWN_GRACE="120")
+    # a busy machine may take minutes over the story: only the signal may end it, not the reply timeout
+    env = sqlite_env(db, model_folder, BOT_MAX_REPLY_TOKENS=str(LONG), BOT_SHUTDOWN_GRACE="300",
+                     BOT_REPLY_TIMEOUT="600")
     with running_bot(tmp_path, env) as bot:
         send(bot, "tell me a story")
         wait_for_user_message(db, "tell me a story", bot)
         bot.send_signal(signal.SIGTERM)
         send(bot, "are you there?")  # read after the reply, if at all: the bot is shutting down
-        assert bot.wait(timeout=120) == 0
+        assert bot.wait(timeout=600) == 0
     lines, err = output(tmp_path)
     story = recital(SCRIPT, LONG)
     assert lines[0] == story, err
