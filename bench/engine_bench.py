@@ -1,15 +1,23 @@
 """Engine benchmarks: our inference engine against transformers on identical weights, as tables.
 
-Two models side by side in one run: the shipped chat model, and a randomly initialised
-GPT-2-small-sized GPT (124M) with the GPT-2 tokenizer. transformers runs GPT2LMHeadModel
-loaded from export_gpt2 of the very same weights, with the same torch threads. Usage:
+Up to three models side by side in one run: the shipped chat model; a randomly initialised
+GPT-2-small-sized GPT (124M) with the GPT-2 tokenizer; and SmolLM2-135M-Instruct, the bot's
+default model, from its real Q4_1 GGUF file dequantized to float32 (run_bot.py pull fetches it).
+transformers runs GPT2LMHeadModel loaded from export_gpt2 of the very same weights for the first
+two, and LlamaForCausalLM loaded from the same GGUF file for SmolLM2, with the same torch threads.
+Usage:
 
-    python bench/engine_bench.py [--threads 2] [--device cpu] [--models shipped,gpt2] [--quick]
+    python bench/engine_bench.py [--threads 2] [--device cpu] [--models shipped,gpt2,smollm2] [--quick]
+
+The default is shipped,gpt2 (about 10 minutes on 2 cores); smollm2 alone takes about 5 minutes.
 
 Tables: single stream (200 greedy tokens; with and without KV cache); the memory-bandwidth
 limit; concurrent conversations (ours vs transformers one after another vs transformers static
 batching); time to first token over a multi-turn conversation with and without cache reuse;
-precision and threads, each with tokens/s (and bits per byte on validation for the shipped model).
+precision and threads, each with tokens/s (and bits per byte on validation for the shipped model);
+peak resident memory of a serving process. SmolLM2 gets one concurrency level (16) unless
+--concurrency says otherwise, and no multi-turn or precision table (they would double its run;
+bits per byte need our own validation data).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bot.config import Settings  # noqa: E402
 from bot.prompt import PromptTemplate, Turn, build_prompt  # noqa: E402
 from model.checkpoint import LoadedModel, export_gpt2, load_model  # noqa: E402
 from model.config import GPTConfig  # noqa: E402
@@ -47,9 +56,12 @@ from model.evaluate import score  # noqa: E402
 from model.generate import SamplingParams, generate_tokens  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.inference_weights import PRECISIONS, CpuLinear, prepare  # noqa: E402
+from model.pull import CATALOG, default_models_dir  # noqa: E402
 from model.tokenizer import ChatTokenizer  # noqa: E402
 
 T = TypeVar("T")
+MODELS = ("shipped", "gpt2", "smollm2")
+OPTIONAL = frozenset({"multi-turn", "precision", "threads"})  # the tables a model may be left out of
 GPT2_SMALL = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 PERSONA = "I am a friendly chat bot. I answer briefly and kindly."
 MESSAGES = [
@@ -65,12 +77,15 @@ MESSAGES = [
 
 @dataclass
 class Subject:
+    key: str  # one of MODELS
     name: str
     loaded: LoadedModel
-    hf: Any  # transformers.GPT2LMHeadModel with the same weights
+    hf: Any  # transformers' GPT2LMHeadModel or LlamaForCausalLM with the same weights
     prompt_lengths: tuple[int, int]  # shortest and longest prompt of the concurrency runs
     reply_tokens: int  # reply budget of the multi-turn conversation
     repeats: int  # runs of each measurement (the cheap ones); the median is reported
+    levels: tuple[int, ...]  # numbers of concurrent conversations, unless --concurrency gives them
+    optional: frozenset[str] = OPTIONAL  # the optional tables measured for this model
 
 
 @dataclass
@@ -84,8 +99,14 @@ def greedy(n: int, stop: Sequence[int] = ()) -> SamplingParams:
     return SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=n, stop_ids=tuple(stop))
 
 
-def random_prompt(vocab: int, length: int, rng: random.Random) -> list[int]:
-    return [rng.randrange(4, vocab) for _ in range(length)]  # ids 0..3: special tokens of ours
+def random_prompt(tokenizer: ChatTokenizer, length: int, rng: random.Random) -> list[int]:
+    """length random token ids, none of them special (role markers, end of turn)."""
+    ids: list[int] = []
+    while len(ids) < length:
+        token = rng.randrange(tokenizer.vocab_size)
+        if token not in tokenizer.special_ids:
+            ids.append(token)
+    return ids
 
 
 @contextmanager
@@ -241,22 +262,38 @@ def reference_tokens_per_second(
 
 
 def single_stream(s: Subject, args: argparse.Namespace) -> dict[str, Any]:
-    prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
-    # this VM's bandwidth drifts by half within seconds: each run of ours comes right after a copy
-    # benchmark, and the fraction of the limit is the median of the runs' own fractions
+    """Ours and transformers' tokens/s, alternating round by round, then model.generate's decoder.
+
+    This VM's bandwidth drifts by half within seconds, and one busy process beside a run on its 2
+    cores slows it by up to 5x (transformers' SmolLM2 went from 17 to 3 tokens/s): each round runs a
+    copy benchmark, ours (the engine then closed) and transformers, and the ratio is the median of
+    the rounds' own ratios, as the fraction of the bandwidth limit is the median of our runs' own fractions.
+    """
+    prompt = random_prompt(s.loaded.tokenizer, 32, random.Random(0))
+    apart = in_thread(args.threads, logit_gap, prepare(s.loaded.model, "float32"), s.hf, prompt)
     rounds = []
-    with engine_for(s, args) as engine:
-        for _ in range(max(3, s.repeats)):
+    for _ in range(max(3, s.repeats)):
+        with engine_for(s, args) as engine:
             bandwidth = in_thread(args.threads, copy_bandwidth, torch.device(args.device))
-            rounds.append((bandwidth, *engine_tokens_per_second(engine, prompt, args.tokens)))
-    ours_tokens = rounds[-1][2]
-    hf, hf_tokens = in_thread(args.threads, hf_tokens_per_second, s.hf, prompt, args.tokens, s.repeats)
+            ours, ours_tokens = engine_tokens_per_second(engine, prompt, args.tokens)
+        hf, hf_tokens = in_thread(args.threads, hf_tokens_per_second, s.hf, prompt, args.tokens)
+        rounds.append((bandwidth, ours, hf))
     model, n = s.loaded.model, args.tokens
     cached, a = in_thread(args.threads, reference_tokens_per_second, model, prompt, n, True, s.repeats)
     uncached, b = in_thread(args.threads, reference_tokens_per_second, model, prompt, n, False, s.repeats)
-    return dict(ours=statistics.median(r[1] for r in rounds), hf=hf, same_as_hf=ours_tokens == hf_tokens,
-                cached=cached, uncached=uncached, same_cache=a == b == ours_tokens,
-                rounds=[(bandwidth, speed) for bandwidth, speed, _ in rounds])
+    ratios = [ours / hf for _, ours, hf in rounds]
+    return dict(ours=statistics.median(r[1] for r in rounds), hf=statistics.median(r[2] for r in rounds),
+                ratio=statistics.median(ratios), ratio_range=(min(ratios), max(ratios)),
+                same_as_hf=ours_tokens == hf_tokens, logit_gap=apart, cached=cached, uncached=uncached,
+                same_cache=a == b == ours_tokens, rounds=[(bandwidth, ours) for bandwidth, ours, _ in rounds])
+
+
+def logit_gap(model: GPT, hf: Any, prompt: list[int]) -> float:
+    """The largest difference between our (engine's) model's logits and transformers' over the prompt's positions."""
+    ids = torch.tensor([prompt], device=hf.device)
+    with torch.inference_mode():
+        ours, _ = model(ids)  # (1, T, vocab)
+        return (ours - hf(ids).logits).abs().max().item()
 
 
 def copy_bandwidth(device: torch.device, mib: int = 512, repeats: int = 5) -> float:
@@ -280,7 +317,7 @@ def bytes_per_token(model: nn.Module) -> int:
     """
     total = 0
     for module in model.modules():
-        if isinstance(module, (nn.Linear, CpuLinear, PackedLinear, nn.LayerNorm)):
+        if isinstance(module, (nn.Linear, CpuLinear, PackedLinear, nn.LayerNorm, nn.RMSNorm)):
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         elif isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # int8 weight, fp32 bias
             weight, bias = module.weight(), module.bias()
@@ -297,7 +334,7 @@ def concurrency(s: Subject, args: argparse.Namespace, n: int, gap: float) -> dic
     """
     rng = random.Random(n)
     low, high = s.prompt_lengths
-    prompts = [random_prompt(s.loaded.tokenizer.vocab_size, rng.randint(low, high), rng) for _ in range(n)]
+    prompts = [random_prompt(s.loaded.tokenizer, rng.randint(low, high), rng) for _ in range(n)]
     arrivals = [i * gap for i in range(n)]
     m = args.concurrent_tokens
     rounds: dict[str, list[tuple[float, ...]]] = {"ours": [], "serial": [], "static": []}
@@ -357,9 +394,9 @@ async def _conversation(
 
 def precisions(s: Subject, args: argparse.Namespace, val: list[list[str]] | None) -> dict[str, tuple[float, float, float]]:
     """Per precision: single-stream tokens/s, 16-conversation aggregate tokens/s, validation bits per byte."""
-    prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
+    prompt = random_prompt(s.loaded.tokenizer, 32, random.Random(0))
     rng = random.Random(16)
-    prompts = [random_prompt(s.loaded.tokenizer.vocab_size, rng.randint(*s.prompt_lengths), rng) for _ in range(16)]
+    prompts = [random_prompt(s.loaded.tokenizer, rng.randint(*s.prompt_lengths), rng) for _ in range(16)]
     out = {}
     for precision in PRECISIONS:
         if precision == "int8" and args.device != "cpu":
@@ -383,7 +420,7 @@ def _bits_per_byte(model: nn.Module, s: Subject, val: list[list[str]], args: arg
 
 def threads(s: Subject, args: argparse.Namespace) -> dict[int, tuple[float, float]]:
     """Single-stream tokens/s of ours and transformers' with 1 thread and with args.threads."""
-    prompt = random_prompt(s.loaded.tokenizer.vocab_size, 32, random.Random(0))
+    prompt = random_prompt(s.loaded.tokenizer, 32, random.Random(0))
     out = {}
     for n in sorted({1, args.threads}):
         with engine_for(s, args, torch_threads=n) as engine:
@@ -396,42 +433,62 @@ def threads(s: Subject, args: argparse.Namespace) -> dict[int, tuple[float, floa
 
 
 def our_model(which: str, args: argparse.Namespace) -> LoadedModel:
-    """"shipped", or "gpt2": a seeded random GPT-2-small-sized GPT with the GPT-2 tokenizer."""
+    """One of MODELS: "shipped"; "gpt2", a seeded random GPT-2-small-sized GPT with the GPT-2 tokenizer;
+    "smollm2", the GGUF file, its window the bot's default max_context."""
     if which == "shipped":
         return load_model(args.model, args.device)
+    if which == "smollm2":
+        if not args.smollm2.is_file():
+            raise SystemExit(f"no {args.smollm2}: fetch it with `python run_bot.py pull`, or give --smollm2 PATH")
+        return load_model(args.smollm2, args.device, max_context=Settings.model_fields["max_context"].default)
     torch.manual_seed(0)
     tokenizer = ChatTokenizer.from_gpt2_files(args.gpt2_tokenizer / "encoder.json", args.gpt2_tokenizer / "vocab.bpe")
     gpt2 = GPT(GPT2_SMALL).to(args.device).eval()
     return LoadedModel(model=gpt2, tokenizer=tokenizer, name="gpt2-small", config=GPT2_SMALL)
 
 
-def subjects(args: argparse.Namespace, workdir: Path) -> list[Subject]:
-    from transformers import GPT2LMHeadModel
+def their_model(which: str, loaded: LoadedModel, args: argparse.Namespace, workdir: Path) -> Any:
+    """transformers' model with the same weights as ours, set to generate exactly the tokens asked for.
 
-    chosen = []
-    if "shipped" in args.models:
-        shipped = our_model("shipped", args)
-        chosen.append(
-            (f"shipped ({shipped.model.num_params() / 1e6:.1f}M)", shipped, (16, 128), 48, 1 if args.quick else 3)
-        )
-    if "gpt2" in args.models:
-        small = our_model("gpt2", args)
-        chosen.append((f"GPT-2 small size ({small.model.num_params() / 1e6:.0f}M, random)", small, (16, 160), 24, 1))
-    found = []
-    for name, loaded, lengths, reply, repeats in chosen:
+    GPT2LMHeadModel from export_gpt2 of our weights; for SmolLM2, LlamaForCausalLM from the same
+    GGUF file, which transformers dequantizes to float32 as we do.
+    """
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    if which == "smollm2":
+        hf = AutoModelForCausalLM.from_pretrained(args.smollm2.parent, gguf_file=args.smollm2.name, dtype=torch.float32)
+    else:
         folder = workdir / loaded.name
         export_gpt2(loaded.model, loaded.tokenizer, folder)
-        hf = GPT2LMHeadModel.from_pretrained(folder).to(args.device).eval()
-        hf.generation_config.eos_token_id = None  # exactly n tokens, as ours without stop ids
-        hf.generation_config.pad_token_id = 0
-        found.append(Subject(name, loaded, hf, lengths, reply, repeats))
-    return found
+        hf = GPT2LMHeadModel.from_pretrained(folder)
+    hf = hf.to(args.device).eval()
+    hf.generation_config.eos_token_id = None  # exactly n tokens, as ours without stop ids
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def subject(which: str, args: argparse.Namespace, workdir: Path) -> Subject:
+    """Our model and transformers', with how much of each measurement that model gets."""
+    loaded = our_model(which, args)
+    hf = their_model(which, loaded, args, workdir)
+    millions = loaded.model.num_params() / 1e6
+    if which == "shipped":
+        return Subject(which, f"shipped ({millions:.1f}M)", loaded, hf, (16, 128), 48, 1 if args.quick else 3,
+                       levels=(1, 4, 16, 32))
+    if which == "gpt2":
+        return Subject(which, f"GPT-2 small size ({millions:.0f}M, random)", loaded, hf, (16, 160), 24, 1,
+                       levels=(1, 4, 16, 32))
+    # transformers one by one takes a minute for 16 conversations: one concurrency level; multi-turn
+    # and precision would double the run and are measured on the other models
+    return Subject(which, f"SmolLM2-135M-Instruct ({millions:.0f}M, Q4_1 as float32)", loaded, hf, (16, 160), 24, 1,
+                   levels=(16,), optional=frozenset({"threads"}))
 
 
 def serving_rss(which: str, args: argparse.Namespace) -> float:
     """Peak RSS (MiB) of a fresh process that loads one model and serves 32 conversations with it."""
     command = [sys.executable, __file__, "--rss-probe", which, "--model", str(args.model),
-               "--gpt2-tokenizer", str(args.gpt2_tokenizer), "--device", args.device, "--threads", str(args.threads)]
+               "--gpt2-tokenizer", str(args.gpt2_tokenizer), "--smollm2", str(args.smollm2),
+               "--device", args.device, "--threads", str(args.threads)]
     return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
@@ -439,7 +496,7 @@ def rss_probe(which: str, args: argparse.Namespace) -> None:
     # the engine keeps its own copy of the weights (packed on CPU): the loaded model is not kept
     engine = InferenceEngine(our_model(which, args), torch_threads=args.threads, max_batch=32)
     rng = random.Random(0)
-    prompts = [random_prompt(engine.loaded.tokenizer.vocab_size, rng.randint(16, 128), rng) for _ in range(32)]
+    prompts = [random_prompt(engine.loaded.tokenizer, rng.randint(16, 128), rng) for _ in range(32)]
     asyncio.run(concurrent(engine, prompts, [0.0] * 32, 64))
     engine.close()
     print(_peak_rss_mib())
@@ -456,6 +513,9 @@ def validation(model_dir: Path, limit: int) -> list[list[str]] | None:
 
 
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Prints the table, or nothing when no model was measured for it."""
+    if not rows:
+        return
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     print(f"\n{title}")
@@ -512,11 +572,11 @@ def _peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def _model_names(text: str) -> set[str]:
+def _model_names(text: str) -> list[str]:
     names = {name.strip() for name in text.split(",") if name.strip()}
-    if not names or not names <= {"shipped", "gpt2"}:
-        raise argparse.ArgumentTypeError(f"give shipped, gpt2 or shipped,gpt2; got {text!r}")
-    return names
+    if not names or not names <= set(MODELS):
+        raise argparse.ArgumentTypeError(f"give some of {','.join(MODELS)}, separated by commas; got {text!r}")
+    return [name for name in MODELS if name in names]
 
 
 def main() -> None:
@@ -524,19 +584,22 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "model" / "shipped")
     parser.add_argument("--gpt2-tokenizer", type=Path,
                         default=Path(os.environ.get("GPT2_TOKENIZER_DIR", "/work/shared/data/gpt2-tokenizer")))
+    parser.add_argument("--smollm2", type=Path, default=default_models_dir() / CATALOG[0].file_name,
+                        help="SmolLM2-135M-Instruct's GGUF file (default: where run_bot.py pull puts it)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, ours and theirs")
     parser.add_argument("--tokens", type=int, default=200, help="new tokens of the single-stream runs")
-    parser.add_argument("--concurrency", default="1,4,16,32", help="numbers of simultaneous conversations")
+    parser.add_argument("--concurrency", help="numbers of simultaneous conversations, such as 1,4,16,32 "
+                        "(default: 1,4,16,32; SmolLM2 16)")
     parser.add_argument("--concurrent-tokens", type=int, default=64, help="new tokens per concurrent request")
     parser.add_argument("--stagger", type=float, default=1.0,
                         help="gap between concurrent arrivals, in decoding steps of a lone stream of ours")
     parser.add_argument("--turns", type=int, default=20)
     parser.add_argument("--val-conversations", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
-    parser.add_argument("--models", type=_model_names, default={"shipped", "gpt2"},
-                        help="which models to measure: shipped, gpt2 or both (default shipped,gpt2)")
-    parser.add_argument("--rss-probe", choices=("shipped", "gpt2"), help=argparse.SUPPRESS)
+    parser.add_argument("--models", type=_model_names, default=["shipped", "gpt2"],
+                        help=f"which models to measure, some of {','.join(MODELS)} (default shipped,gpt2)")
+    parser.add_argument("--rss-probe", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     leave_threads_to_the_engine()  # each measurement runs in a thread of its own: see in_thread
     if args.rss_probe:
@@ -544,38 +607,50 @@ def main() -> None:
     if args.quick:
         args.tokens, args.concurrency, args.concurrent_tokens = 12, "1,4", 8
         args.turns, args.val_conversations = 5, 10
-    levels = [int(n) for n in args.concurrency.split(",")]
     val = validation(args.model, args.val_conversations)
 
     results: dict[str, dict[str, Any]] = {}
+    started, load = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir:
-        for s in subjects(args, Path(workdir)):
+        for which in args.models:
+            s = subject(which, args, Path(workdir))
             print(f"measuring {s.name} ...", file=sys.stderr)
             r = results.setdefault(s.name, {})
             r["single"] = single_stream(s, args)
             r["bytes"] = {p: bytes_per_token(prepare(s.loaded.model, p)) for p in PRECISIONS if p != "int8" or args.device == "cpu"}
             r["gap"] = args.stagger / r["single"]["ours"]
+            levels = [int(n) for n in args.concurrency.split(",")] if args.concurrency else s.levels
             r["concurrency"] = {n: concurrency(s, args, n, r["gap"]) for n in levels}
-            r["turns"] = multi_turn(s, args)
-            r["precision"] = precisions(s, args, val if s.loaded.name != "gpt2-small" else None)
-            r["threads"] = threads(s, args)
-            r["rss"] = serving_rss("shipped" if s.loaded.name != "gpt2-small" else "gpt2", args)
+            if "multi-turn" in s.optional:
+                r["turns"] = multi_turn(s, args)
+            if "precision" in s.optional:
+                r["precision"] = precisions(s, args, val if which == "shipped" else None)
+            if "threads" in s.optional:
+                r["threads"] = threads(s, args)
+            r["rss"] = serving_rss(which, args)
+            del s  # one model pair in memory at a time
 
-    _print(results, args, levels)
+    _print(results, args, load, time.perf_counter() - started)
 
 
-def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, levels: list[int]) -> None:
+def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, load: float, seconds: float) -> None:
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {args.device}, "
           f"{args.threads} threads; command: python bench/engine_bench.py {' '.join(sys.argv[1:])}")
-    table(f"1. Single stream: {args.tokens} new tokens, greedy, 32-token prompt (tokens/s; the KV-cache columns "
-          "are model.generate's decoder, same model)",
-          ["model", "our engine", "transformers", "ratio", "same tokens", "ours KV cache", "ours no cache",
-           "cache speed-up", "same"],
-          [(name, r["single"]["ours"], r["single"]["hf"], r["single"]["ours"] / r["single"]["hf"],
-            r["single"]["same_as_hf"], r["single"]["cached"], r["single"]["uncached"],
-            r["single"]["cached"] / r["single"]["uncached"], r["single"]["same_cache"]) for name, r in results.items()])
+    print(f"{seconds / 60:.1f} minutes; load average (1 min) {load:.2f} at the start, {os.getloadavg()[0]:.2f} "
+          f"at the end, on {os.cpu_count()} CPUs")
+    table(f"1. Single stream: {args.tokens} new tokens, greedy, 32-token prompt (tokens/s; ours and transformers "
+          "alternate, the medians of the rounds (see table 2), ratio: the median of the rounds' ratios; logit diff: "
+          "the largest difference from transformers' logits over the prompt; the KV-cache columns are "
+          "model.generate's decoder, same model)",
+          ["model", "our engine", "transformers", "ratio", "rounds' range", "same tokens", "logit diff",
+           "ours KV cache", "ours no cache", "cache speed-up", "same"],
+          [(name, r["single"]["ours"], r["single"]["hf"], r["single"]["ratio"],
+            "{:.1f}-{:.1f}".format(*r["single"]["ratio_range"]), r["single"]["same_as_hf"],
+            f"{r['single']['logit_gap']:.1e}", r["single"]["cached"], r["single"]["uncached"],
+            r["single"]["cached"] / r["single"]["uncached"], r["single"]["same_cache"])
+           for name, r in results.items()])
     table("2. Memory-bandwidth limit: runs of our single stream, each right after a copy benchmark (read + write, "
           "the best of 5); batch-1 tokens/s x weight bytes per token over the copy's bytes/s; median of the runs",
           ["model", "runs", "copy GB/s", "MB/token", "limit tok/s", "ours tok/s", "of limit", "runs' range"],
@@ -584,7 +659,7 @@ def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, levels:
     table(f"3. Concurrent conversations: prompts of mixed lengths, arriving one every {args.stagger:g} "
           f"decoding step(s) of a lone stream (the gap), {args.concurrent_tokens} new tokens each, greedy",
           ["model (gap)", "conv.", "system", "tok/s", "vs serial", "TTFT p50 s", "TTFT p95 s", "total s"],
-          [(f"{name} ({1000 * r['gap']:.1f} ms)" if n == levels[0] and kind == "ours" else "",
+          [(f"{name} ({1000 * r['gap']:.1f} ms)" if n == min(r["concurrency"]) and kind == "ours" else "",
             n if kind == "ours" else "", label,
             c[kind][0], c[kind][0] / c["serial"][0], c[kind][1], c[kind][2], c[kind][3])
            for name, r in results.items() for n, c in r["concurrency"].items()
@@ -595,15 +670,16 @@ def _print(results: dict[str, dict[str, Any]], args: argparse.Namespace, levels:
           "last row: mean of turns 2..",
           ["model", "turn", *(f"{v} ms" for v in variants), *(f"{v}: prompt (reused)" for v in variants[1:]),
            "sliding / turn 1", "bot window / turn 1"],
-          [row for name, r in results.items() for row in _turn_rows(name, r["turns"], variants, args.turns)])
+          [row for name, r in results.items() if "turns" in r
+           for row in _turn_rows(name, r["turns"], variants, args.turns)])
     table(f"5. Precision: our engine, single stream ({args.tokens} tokens) and 16 conversations "
           f"({args.concurrent_tokens} tokens each); bits per byte on {args.val_conversations} validation conversations",
           ["model", "precision", "MB/token", "single tok/s", "16 conv. tok/s", "val bits/byte"],
           [(name if i == 0 else "", p, r["bytes"][p] / 1e6, *v)
-           for name, r in results.items() for i, (p, v) in enumerate(r["precision"].items())])
+           for name, r in results.items() if "precision" in r for i, (p, v) in enumerate(r["precision"].items())])
     table("6. Threads: single stream tokens/s", ["model", "threads", "our engine", "transformers", "ratio"],
           [(name if i == 0 else "", n, ours, hf, ours / hf)
-           for name, r in results.items() for i, (n, (ours, hf)) in enumerate(r["threads"].items())])
+           for name, r in results.items() if "threads" in r for i, (n, (ours, hf)) in enumerate(r["threads"].items())])
     table("7. Peak resident memory (MiB) of a process that loads the model and serves 32 conversations "
           "of 64 tokens with it (engine with 32 batch rows)",
           ["model", "peak RSS MiB"], [(name, r["rss"]) for name, r in results.items()])

@@ -79,9 +79,12 @@ def llama_config(raw: dict[str, Any], max_context: int | None = None) -> GPTConf
 def llama_state(hf: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
     """Our state dict (float32; the tied LM head left out) from transformers' tensor names.
 
+    hf is emptied as its tensors move over, so that each separate q, k, v (and gate, up) is freed
+    once joined: a model's weights are in memory about once, not twice, while it loads.
     Missing or unexpected names are left for the caller's check against the network.
     """
-    hf = {k: v for k, v in hf.items() if not k.endswith(_COMPUTED)}
+    for name in [k for k in hf if k.endswith(_COMPUTED)]:
+        del hf[name]
     state: dict[str, Tensor] = {}
 
     def take(name: str) -> Tensor:
@@ -112,6 +115,7 @@ def llama_state(hf: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
     if head is not None and not config.tie_embeddings:
         state["lm_head.weight"] = head.float()
     state.update(hf)  # whatever is left is unexpected: the caller names it
+    hf.clear()
     return state
 
 
