@@ -74,10 +74,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch CPU threads of the inference engine, 0 = torch's default (other threads get one)"
     )
-    precision: Literal["float32", "bfloat16", "int8"] = Field(
+    precision: Literal["float32", "bfloat16", "q8", "int8"] = Field(
         "float32",
-        description="weights the engine computes with: float32; int8 (CPU only: about 1.5x faster alone, 2x at "
-        "16 conversations, same bits per byte); bfloat16 (for CUDA; slow on CPUs without bf16)",
+        description="weights the engine computes with: float32; q8 (CPU only: int8 weights in memory, a scale per "
+        "32, as GGUF's Q8_0; a quarter of float32's bytes to read a token); int8 (CPU only: torch's dynamic "
+        "quantization); bfloat16 (for CUDA; slow on CPUs without bf16)",
     )
     max_batch: int = Field(16, ge=1, le=1024, description="conversations the engine decodes together, 1 to 1024")
     max_queued: int = Field(
@@ -302,8 +303,8 @@ class Settings(BaseSettings):
     @field_validator("precision")
     @classmethod
     def _precision_for_device(cls, value: str, info: ValidationInfo) -> str:
-        if value == "int8" and info.data.get("device") == "cuda":
-            raise ValueError("int8 runs on CPU only; use bfloat16 with BOT_DEVICE=cuda")
+        if value in ("int8", "q8") and info.data.get("device") == "cuda":
+            raise ValueError(f"{value} runs on CPU only; use bfloat16 with BOT_DEVICE=cuda")
         return value
 
     @field_validator("remote_url")

@@ -11,11 +11,20 @@
  * with AVX2, 32 zmm with AVX-512). A lone row (a lone stream's step) takes LONE_PANELS panels at
  * a time: as many independent sums as keep up with memory.
  *
+ * Weights may also stay int8 in memory (precision "q8"): the same panels hold int8 weights, and
+ * each run of QK = 32 inputs of a panel has sixteen float scales, one an output (as GGUF's Q8_0,
+ * a scale per 32 weights of an output). A tile loads sixteen int8 weights, widens them to floats
+ * and multiplies them by their scales in registers, then goes on as with float weights: a
+ * quarter of the bytes to read, for a few more instructions a weight vector.
+ *
  * Row by row, as the weights' (n_out, n_in) layout asks, each output is a dot product whose
  * vector of sums ends in a horizontal sum, and a batch's rows each load every weight again;
  * torch's compiler gave each row one accumulator, a chain of dependent additions that capped a
  * core at 24-28 GB/s even from the cache (measured).
  */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,11 +38,35 @@ enum { TILE_ROWS = 6, TILE_PANELS = 1, FEW_PANELS = 2, LANES = 8 };
 #endif
 enum { LONE_PANELS = 4, MOST_PANELS = 4, PER_PANEL = PANEL / LANES };
 typedef float vec __attribute__((vector_size(LANES * 4)));
+typedef int8_t bytes __attribute__((vector_size(LANES))); /* LANES int8 weights, widened to a vec */
+enum { QK = 32 }; /* inputs that share one scale an output */
+
+/* A Linear's packed weight: float panels f, or int8 panels q (panels, groups, QK, PANEL) with their
+ * scales s (panels, groups, PANEL), groups = ceil(n_in / QK), the last group padded with zeros. */
+typedef struct {
+    const float *f;
+    const int8_t *q;
+    const float *s;
+} Mat;
 
 static inline vec load(const float *p) {
     vec v;
     memcpy(&v, p, sizeof v); /* an unaligned vector load */
     return v;
+}
+
+/* LANES int8 weights at p as floats: sign-extend, convert (gcc's generic conversion of a byte
+ * vector goes element by element, so x86 takes the two instructions by name) */
+static inline vec widen(const int8_t *p) {
+#if defined(__AVX512F__)
+    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    bytes b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vec);
+#endif
 }
 
 static inline vec splat(float s) { /* a constructor of equal elements: one broadcast instruction */
@@ -114,34 +147,83 @@ static void put(float *y, const float *value, const float *b, int64_t n, int how
     }
 /* Every tile packed_rows takes: TILE_ROWS rows or fewer, by TILE_PANELS panels or one (the last
  * of an odd count); two or three rows by FEW_PANELS; one row by LONE_PANELS. */
-TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(1, 4) TILE(2, 2) TILE(3, 2)
+/* As TILE, over int8 panels q with their scales sc (see Mat): each group's weight vectors are widened
+ * and scaled once, then used for every row of the tile. */
+#define QTILE(MR, NP)                                                                                   \
+    static void qtile_##MR##_##NP(const float *x, int64_t ldx, const int8_t *q, const float *sc,        \
+                                  int64_t n_in, float out[][MOST_PANELS * PANEL]) {                     \
+        enum { V = NP * PER_PANEL };                                                                    \
+        const int64_t groups = (n_in + QK - 1) / QK;                                                    \
+        vec acc[MR][V];                                                                                 \
+        for (int r = 0; r < MR; r++)                                                                    \
+            for (int j = 0; j < V; j++) acc[r][j] = splat(0.0f);                                        \
+        for (int64_t g = 0; g < groups; g++) {                                                          \
+            vec scale[V];                                                                               \
+            for (int j = 0; j < V; j++)                                                                 \
+                scale[j] = load(sc + (j / PER_PANEL * groups + g) * PANEL + j % PER_PANEL * LANES);     \
+            const int64_t k0 = g * QK, kn = n_in - k0 < QK ? n_in - k0 : QK;                            \
+            for (int64_t k = 0; k < kn; k++) {                                                          \
+                vec w[V];                                                                               \
+                for (int j = 0; j < V; j++)                                                             \
+                    w[j] = widen(q + ((j / PER_PANEL * groups + g) * QK + k) * PANEL                    \
+                                 + j % PER_PANEL * LANES) * scale[j];                                   \
+                for (int r = 0; r < MR; r++) {                                                          \
+                    const vec xb = splat(x[r * ldx + k0 + k]);                                          \
+                    for (int j = 0; j < V; j++) acc[r][j] += xb * w[j];                                 \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int r = 0; r < MR; r++)                                                                    \
+            for (int j = 0; j < V; j++) memcpy(out[r] + j * LANES, &acc[r][j], sizeof acc[r][j]);       \
+    }
+#define TILES(MR, NP) TILE(MR, NP) QTILE(MR, NP)
+TILES(1, 1) TILES(2, 1) TILES(3, 1) TILES(4, 1) TILES(5, 1) TILES(6, 1) TILES(1, 4) TILES(2, 2) TILES(3, 2)
 #ifdef __AVX512F__
-TILE(7, 1) TILE(8, 1)
-TILE(1, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2) TILE(7, 2) TILE(8, 2) TILE(2, 4) TILE(3, 4)
+TILES(7, 1) TILES(8, 1)
+TILES(1, 2) TILES(4, 2) TILES(5, 2) TILES(6, 2) TILES(7, 2) TILES(8, 2) TILES(2, 4) TILES(3, 4)
 #endif
 
 typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float[][MOST_PANELS * PANEL]);
+typedef void (*qtile_fn)(const float *, int64_t, const int8_t *, const float *, int64_t,
+                         float[][MOST_PANELS * PANEL]);
 
-static tile_fn tile_for(int mr, int np) {
 #ifdef __AVX512F__
-    static const tile_fn one[] = {tile_1_1, tile_2_1, tile_3_1, tile_4_1, tile_5_1, tile_6_1, tile_7_1, tile_8_1};
-    static const tile_fn two[] = {tile_1_2, tile_2_2, tile_3_2, tile_4_2, tile_5_2, tile_6_2, tile_7_2, tile_8_2};
-    static const tile_fn four[] = {tile_1_4, tile_2_4, tile_3_4};
+#define TILE_TABLES(P)                                                                                  \
+    static const P##tile_fn one[] = {P##tile_1_1, P##tile_2_1, P##tile_3_1, P##tile_4_1,              \
+                                     P##tile_5_1, P##tile_6_1, P##tile_7_1, P##tile_8_1};              \
+    static const P##tile_fn two[] = {P##tile_1_2, P##tile_2_2, P##tile_3_2, P##tile_4_2,              \
+                                     P##tile_5_2, P##tile_6_2, P##tile_7_2, P##tile_8_2};              \
+    static const P##tile_fn four[] = {P##tile_1_4, P##tile_2_4, P##tile_3_4};                         \
     return np == 1 ? one[mr - 1] : np == 2 ? two[mr - 1] : four[mr - 1];
 #else
-    static const tile_fn one[] = {tile_1_1, tile_2_1, tile_3_1, tile_4_1, tile_5_1, tile_6_1};
-    static const tile_fn two[] = {NULL, tile_2_2, tile_3_2};
-    return np == 1 ? one[mr - 1] : np == 2 ? two[mr - 1] : tile_1_4;
+#define TILE_TABLES(P)                                                                                  \
+    static const P##tile_fn one[] = {P##tile_1_1, P##tile_2_1, P##tile_3_1,                            \
+                                     P##tile_4_1, P##tile_5_1, P##tile_6_1};                           \
+    static const P##tile_fn two[] = {NULL, P##tile_2_2, P##tile_3_2};                                 \
+    return np == 1 ? one[mr - 1] : np == 2 ? two[mr - 1] : P##tile_1_4;
 #endif
+
+static tile_fn tile_for(int mr, int np) { TILE_TABLES() }
+static qtile_fn qtile_for(int mr, int np) { TILE_TABLES(q) }
+
+/* One tile of mr rows by np panels from panel `first` of w (n_in inputs) into out. */
+static void tile(const Mat *w, int64_t first, int mr, int np, const float *x, int64_t ldx, int64_t n_in,
+                 float out[][MOST_PANELS * PANEL]) {
+    if (w->q) {
+        const int64_t groups = (n_in + QK - 1) / QK;
+        qtile_for(mr, np)(x, ldx, w->q + first * groups * QK * PANEL, w->s + first * groups * PANEL, n_in, out);
+    } else {
+        tile_for(mr, np)(x, ldx, w->f + first * n_in * PANEL, n_in, out);
+    }
 }
 
 /* Panels per tile for m rows: enough independent sums to keep the multipliers busy. */
 static int tile_panels(int64_t m) { return m == 1 ? LONE_PANELS : m <= 3 ? FEW_PANELS : TILE_PANELS; }
 
-/* y (m rows, ldy apart) gets x (m rows, ldx apart) times packed weight p (n_out, n_in) plus b
+/* y (m rows, ldy apart) gets x (m rows, ldx apart) times packed weight w (n_out, n_in) plus b
  * (NULL: none), as `how` says. A worksharing loop: call it inside a parallel region; its threads
  * take contiguous runs of panels, each applied to every row while it sits in their cache. */
-static void packed_rows(const float *x, int64_t m, int64_t ldx, const float *p, const float *b, float *y, int64_t ldy,
+static void packed_rows(const float *x, int64_t m, int64_t ldx, const Mat *w, const float *b, float *y, int64_t ldy,
                         int64_t n_out, int64_t n_in, int how) {
     const int64_t panels = (n_out + PANEL - 1) / PANEL;
     const int np = tile_panels(m);
@@ -151,16 +233,14 @@ static void packed_rows(const float *x, int64_t m, int64_t ldx, const float *p, 
     for (int64_t g = 0; g < groups; g++) {
         const int64_t first = g * np;
         const int n = panels - first < np ? (int)(panels - first) : np;
-        const float *pg = p + first * n_in * PANEL;
         float out[TILE_ROWS][MOST_PANELS * PANEL];
         for (int64_t t = 0, row = 0; t < tiles; t++) {
             const int mr = (int)(m / tiles + (t < m % tiles));
             if (n == np) {
-                tile_for(mr, np)(x + row * ldx, ldx, pg, n_in, out);
+                tile(w, first, mr, np, x + row * ldx, ldx, n_in, out);
             } else { /* the last group's panels one by one */
                 for (int j = 0; j < n; j++)
-                    tile_for(mr, 1)(x + row * ldx, ldx, pg + j * n_in * PANEL, n_in,
-                                    (float(*)[MOST_PANELS * PANEL])(out[0] + j * PANEL));
+                    tile(w, first + j, mr, 1, x + row * ldx, ldx, n_in, (float(*)[MOST_PANELS * PANEL])(out[0] + j * PANEL));
             }
             const int64_t col0 = first * PANEL, cols = n_out - col0 < n * PANEL ? n_out - col0 : n * PANEL;
             for (int r = 0; r < mr; r++) put(y + (row + r) * ldy + col0, out[r], b ? b + col0 : NULL, cols, how);
@@ -193,14 +273,14 @@ static void rotate(float *x, const float *c, const float *s, int64_t hd) {
 }
 
 /* Mirrored by cpu_kernels._Block: a block's sizes, options and weights (absent biases as zeros).
- * rms: RMSNorm, else LayerNorm; swiglu: fc_w gives the gate's n_inner outputs, then the up
+ * rms: RMSNorm, else LayerNorm; swiglu: fc gives the gate's n_inner outputs, then the up
  * projection's, else GELU; rope_cos, rope_sin: (n_pos, hd/2) rotary tables, or NULL. */
 typedef struct {
     int64_t n_embd, n_head, n_kv_head, n_inner, rms, swiglu;
     double eps;
     const float *rope_cos, *rope_sin;
-    const float *ln1_w, *ln1_b, *attn_w, *attn_b, *attn_proj_w, *attn_proj_b;
-    const float *ln2_w, *ln2_b, *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
+    const float *ln1_w, *ln1_b, *attn_b, *attn_proj_b, *ln2_w, *ln2_b, *fc_b, *mlp_proj_b;
+    Mat attn, attn_proj, fc, mlp_proj;
 } Block;
 
 /* One head of one row's attention: q (hd) against the keys and values of positions 0..S-1 at
@@ -246,7 +326,7 @@ int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, float 
     {
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) norm(x + b * C, blk->ln1_w, blk->ln1_b, h + b * C, C, blk->eps, blk->rms);
-        packed_rows(h, B, C, blk->attn_w, blk->attn_b, qkv, qkvC, qkvC, C, STORE);
+        packed_rows(h, B, C, &blk->attn, blk->attn_b, qkv, qkvC, qkvC, C, STORE);
         /* each row's new key (rotated) and value into the cache, before any query reads them */
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * n_kv; i++) {
@@ -264,10 +344,10 @@ int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, float 
             const float *kh = k + b * row_stride + kv_head * head_stride, *vh = v + b * row_stride + kv_head * head_stride;
             attend(q, kh, vh, pos[b] + 1, pos_stride, hd, scale, scores + i * S, y + b * C + head * hd);
         }
-        packed_rows(y, B, C, blk->attn_proj_w, blk->attn_proj_b, x, C, C, C, ADD);
+        packed_rows(y, B, C, &blk->attn_proj, blk->attn_proj_b, x, C, C, C, ADD);
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) norm(x + b * C, blk->ln2_w, blk->ln2_b, h + b * C, C, blk->eps, blk->rms);
-        packed_rows(h, B, C, blk->fc_w, blk->fc_b, f, n_fc, n_fc, C, blk->swiglu ? STORE : GELU);
+        packed_rows(h, B, C, &blk->fc, blk->fc_b, f, n_fc, n_fc, C, blk->swiglu ? STORE : GELU);
         if (blk->swiglu) { /* silu(gate) * up into the gate's place: silu(g) = g/2 (1 + tanh(g/2)) */
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++) {
@@ -277,15 +357,15 @@ int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, float 
                     gate[c] = 0.5f * gate[c] * (1.0f + tanh_rational(0.5f * gate[c])) * up[c];
             }
         }
-        packed_rows(f, B, n_fc, blk->mlp_proj_w, blk->mlp_proj_b, x, C, C, n_in, ADD);
+        packed_rows(f, B, n_fc, &blk->mlp_proj, blk->mlp_proj_b, x, C, C, n_in, ADD);
     }
     free(scratch);
     return 0;
 }
 
-/* y (m, n_out) = x (m, n_in) times packed weight p plus b (NULL: none): a Linear on any number of rows. */
-void packed_product(const float *x, int64_t m, const float *p, const float *b, float *y, int64_t n_out, int64_t n_in,
+/* y (m, n_out) = x (m, n_in) times packed weight w plus b (NULL: none): a Linear on any number of rows. */
+void packed_product(const float *x, int64_t m, const Mat *w, const float *b, float *y, int64_t n_out, int64_t n_in,
                     int threads) {
     #pragma omp parallel num_threads(threads)
-    packed_rows(x, m, n_in, p, b, y, n_out, n_out, n_in, STORE);
+    packed_rows(x, m, n_in, w, b, y, n_out, n_out, n_in, STORE);
 }

@@ -47,8 +47,15 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 PANEL = 16  # cpu_kernels.c's PANEL: outputs per panel
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
-WEIGHTS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "attn_proj_w", "attn_proj_b",
-           "ln2_w", "ln2_b", "fc_w", "fc_b", "mlp_proj_w", "mlp_proj_b")
+QK = 32  # cpu_kernels.c's QK: inputs that share one scale an output in int8 weights
+VECTORS = ("ln1_w", "ln1_b", "attn_b", "attn_proj_b", "ln2_w", "ln2_b", "fc_b", "mlp_proj_b")
+MATRICES = ("attn", "attn_proj", "fc", "mlp_proj")
+
+
+class _Mat(ctypes.Structure):
+    """cpu_kernels.c's Mat: a packed weight, float panels f or int8 panels q with their scales s."""
+
+    _fields_ = [("f", ctypes.c_void_p), ("q", ctypes.c_void_p), ("s", ctypes.c_void_p)]
 
 
 class _Block(ctypes.Structure):
@@ -59,7 +66,8 @@ class _Block(ctypes.Structure):
         ("eps", ctypes.c_double),
         ("rope_cos", ctypes.c_void_p),
         ("rope_sin", ctypes.c_void_p),
-        *((name, ctypes.c_void_p) for name in WEIGHTS),
+        *((name, ctypes.c_void_p) for name in VECTORS),
+        *((name, _Mat) for name in MATRICES),
     ]
 
 
@@ -93,8 +101,8 @@ def library() -> ctypes.CDLL:
     lib.block_rows.argtypes = [ctypes.POINTER(_Block), ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3,
                                *[ctypes.c_int64] * 4, ctypes.c_int]
     lib.block_rows.restype = ctypes.c_int
-    lib.packed_product.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_int64,
-                                   ctypes.c_int64, ctypes.c_int]
+    lib.packed_product.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Mat), *[ctypes.c_void_p] * 2,
+                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.packed_product.restype = None
     return lib
 
@@ -106,14 +114,43 @@ def pack(weight: Tensor) -> Tensor:
     return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
 
 
-class PackedLinear(nn.Module):
-    """nn.Linear for float32 inference on CPU: its weight packed (pack), its product cpu_kernels.c's,
-    for one row or a batch's or a prompt's."""
+def pack_q8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight (out, in) as int8 panels (ceil(out / PANEL), groups, QK, PANEL) and their float scales
+    (ceil(out / PANEL), groups, PANEL), groups = ceil(in / QK): each output's run of QK inputs
+    scaled by its largest magnitude / 127, as GGUF's Q8_0 (a GGUF Q8_0 weight comes back exactly)."""
+    out_features, in_features = weight.shape
+    groups = -(-in_features // QK)
+    padded = F.pad(weight.detach().float(), (0, groups * QK - in_features, 0, -out_features % PANEL))
+    runs = padded.view(padded.size(0), groups, QK)  # (out, groups, QK)
+    scale = runs.abs().amax(dim=-1) / 127  # (out, groups)
+    q = torch.round(runs / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).clamp(-127, 127)
+    q = q.to(torch.int8).view(-1, PANEL, groups, QK).permute(0, 2, 3, 1).contiguous()  # (panels, groups, QK, PANEL)
+    return q, scale.view(-1, PANEL, groups).transpose(1, 2).contiguous()  # (panels, groups, PANEL)
 
-    def __init__(self, linear: nn.Linear, lib: ctypes.CDLL) -> None:
+
+def unpack_q8(q: Tensor, scales: Tensor, idx: Tensor, in_features: int) -> Tensor:
+    """The dequantized weights (..., in) of outputs idx from pack_q8's panels: a tied embedding's rows."""
+    panel, lane = idx // PANEL, idx % PANEL
+    runs = q[panel, :, :, lane].float() * scales[panel, :, lane].unsqueeze(-1)  # (..., groups, QK)
+    return runs.flatten(-2)[..., :in_features]
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear for float32 inference on CPU: its weight packed (pack), or kept as int8 (pack_q8,
+    quantized=True), its product cpu_kernels.c's, for one row or a batch's or a prompt's."""
+
+    def __init__(self, linear: nn.Linear, lib: ctypes.CDLL, quantized: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = nn.Parameter(pack(linear.weight), requires_grad=False)
+        self.quantized = quantized
+        if quantized:
+            q, scales = pack_q8(linear.weight)
+            self.q = nn.Parameter(q, requires_grad=False)
+            self.scales = nn.Parameter(scales, requires_grad=False)
+            self.mat = _Mat(None, self.q.data_ptr(), self.scales.data_ptr())
+        else:
+            self.packed = nn.Parameter(pack(linear.weight), requires_grad=False)
+            self.mat = _Mat(self.packed.data_ptr(), None, None)
         self.bias = linear.bias  # the same tensor
         self._lib = lib
 
@@ -122,7 +159,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"a PackedLinear takes float32 input on CPU, not {x.dtype} on {x.device}")
         flat = x.reshape(-1, self.in_features).contiguous()  # (N, in)
         y = torch.empty(flat.size(0), self.out_features)
-        self._lib.packed_product(flat.data_ptr(), flat.size(0), self.packed.data_ptr(),
+        self._lib.packed_product(flat.data_ptr(), flat.size(0), ctypes.byref(self.mat),
                                  None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
                                  self.out_features, self.in_features, torch.get_num_threads())
         return y.view(*x.shape[:-1], self.out_features)
@@ -131,14 +168,20 @@ class PackedLinear(nn.Module):
 class PackedEmbedding(nn.Module):
     """A tied token embedding read from the LM head's packed weight, where token t's row is
     output t's column, so that the model keeps one copy of the table, not two (GPT-2 small's
-    is 154 MB). A token's lookup gathers n_embd floats 64 bytes apart: at most a few MB for a
-    prompt, against a step's hundreds of MB of weights."""
+    is 154 MB). A token's lookup gathers n_embd floats 64 bytes apart (or int8 weights it scales):
+    at most a few MB for a prompt, against a step's hundreds of MB of weights."""
 
     def __init__(self, head: PackedLinear) -> None:
         super().__init__()
-        self.weight = head.packed  # the same Parameter; the model's device and dtype are read here
+        self.in_features = head.in_features
+        # the head's own Parameters; weight is where the model's device and dtype are read: float32
+        # (the scales, where weights are int8)
+        self.weight = head.scales if head.quantized else head.packed
+        self.q = head.q if head.quantized else None
 
     def forward(self, idx: Tensor) -> Tensor:
+        if self.q is not None:
+            return unpack_q8(self.q, self.weight, idx, self.in_features)  # (..., n_embd)
         return self.weight[idx // PANEL, :, idx % PANEL]  # (..., n_embd)
 
 
@@ -154,25 +197,27 @@ class RowStepBlock(nn.Module):
         self.layer = block.attn.layer
         self._lib = lib
         attn, mlp = block.attn, block.mlp
-        weights: list[Tensor] = []
-        if not all(isinstance(m, PackedLinear) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)):
+        linears = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+        if not all(isinstance(m, PackedLinear) for m in linears):
             raise ValueError("row steps need a block whose Linears are PackedLinears")
-        for m in (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj):
-            weight = m.packed if isinstance(m, PackedLinear) else m.weight
-            size = m.out_features if isinstance(m, PackedLinear) else m.normalized_shape[0]
-            bias = getattr(m, "bias", None)  # RMSNorm has none
-            weights += [weight.detach(), torch.zeros(size) if bias is None else bias.detach()]
+        vectors: list[Tensor] = []
+        for norm in (block.ln_1, block.ln_2):
+            bias = getattr(norm, "bias", None)  # RMSNorm has none
+            vectors += [norm.weight.detach(), torch.zeros(norm.normalized_shape[0]) if bias is None else bias.detach()]
+        biases = [torch.zeros(m.out_features) if m.bias is None else m.bias.detach() for m in linears]
         tables = [] if rotary is None else [rotary.cos, rotary.sin]
-        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in weights + tables):
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                   for t in vectors + biases + tables):
             raise ValueError("row steps need contiguous float32 weights on CPU")
-        self._weights = tuple(weights + tables)  # keeps the tensors the pointers below point into
-        n_embd = block.ln_1.normalized_shape[0]
-        rms = isinstance(block.ln_1, nn.RMSNorm)
-        eps = block.ln_1.eps
+        self._tensors = (*vectors, *biases, *tables, *linears)  # keeps what the pointers below point into
+        ln1_w, ln1_b, ln2_w, ln2_b = (t.data_ptr() for t in vectors)
+        attn_b, attn_proj_b, fc_b, mlp_proj_b = (t.data_ptr() for t in biases)
         cos, sin = (t.data_ptr() for t in tables) if tables else (None, None)
+        eps = block.ln_1.eps
         self._block = _Block(
-            n_embd, attn.n_head, attn.n_kv_head, mlp.c_proj.in_features, rms, mlp.swiglu,
-            1e-5 if eps is None else eps, cos, sin, *(t.data_ptr() for t in weights),
+            block.ln_1.normalized_shape[0], attn.n_head, attn.n_kv_head, mlp.c_proj.in_features,
+            isinstance(block.ln_1, nn.RMSNorm), mlp.swiglu, 1e-5 if eps is None else eps, cos, sin,
+            ln1_w, ln1_b, attn_b, attn_proj_b, ln2_w, ln2_b, fc_b, mlp_proj_b, *(m.mat for m in linears),
         )
 
     def forward(self, x: Tensor, kv_cache: KVCache | None, start_pos: int, rope: Rope | None = None) -> Tensor:
@@ -204,10 +249,11 @@ class RowStepBlock(nn.Module):
         return y.view(x.shape)
 
 
-def use_packed_weights(model: GPT) -> bool:
-    """Put PackedLinears in place of model's Linears (a float32 model on CPU), a PackedEmbedding
-    in place of an embedding tied to the LM head, and RowStepBlocks in place of its blocks. False, and model unchanged, where this machine cannot build cpu_kernels.c (no C
-    compiler, say).
+def use_packed_weights(model: GPT, quantized: bool = False) -> bool:
+    """Put PackedLinears in place of model's Linears (a float32 model on CPU; int8 weights where
+    quantized), a PackedEmbedding in place of an embedding tied to the LM head, and RowStepBlocks
+    in place of its blocks. False, and model unchanged, where this machine cannot build
+    cpu_kernels.c (no C compiler, say).
     """
     try:
         lib = library()
@@ -216,16 +262,16 @@ def use_packed_weights(model: GPT) -> bool:
         log.warning("the packed-weight kernels could not be built (%s); layers use their own code", detail.strip()[:500])
         return False
     tied = model.lm_head.weight is model.transformer.wte.weight
-    _pack_linears(model, lib)
+    _pack_linears(model, lib, quantized)
     if tied:
         model.transformer.wte = PackedEmbedding(model.lm_head)
     model.transformer.h = nn.ModuleList(RowStepBlock(block, lib, model.rotary) for block in model.transformer.h)
     return True
 
 
-def _pack_linears(module: nn.Module, lib: ctypes.CDLL) -> None:
+def _pack_linears(module: nn.Module, lib: ctypes.CDLL, quantized: bool) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child, lib))
+            setattr(module, name, PackedLinear(child, lib, quantized))
         else:
-            _pack_linears(child, lib)
+            _pack_linears(child, lib, quantized)

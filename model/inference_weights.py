@@ -16,10 +16,13 @@ from model.gpt import GPT
 log = logging.getLogger(__name__)
 
 # float32: as trained. bfloat16: half the bytes; fast where the hardware has bf16 (CUDA).
-# int8: every Linear (the LM head too) with int8 weights and activations quantized per call
-# (torch dynamic quantization, fbgemm), CPU only. It quantizes a whole batch's activations with
-# one scale, so a row's output can differ in the last bits with what else is in the batch.
-PRECISIONS = ("float32", "bfloat16", "int8")
+# q8: every Linear (the LM head too) keeps int8 weights, a float scale per 32 inputs of an output
+# (as GGUF's Q8_0), which model.cpu_kernels's products widen in registers; activations stay
+# float32, so a row's result does not depend on the rest of its batch. CPU only.
+# int8: every Linear with int8 weights and activations quantized per call (torch dynamic
+# quantization, fbgemm), CPU only. It quantizes a whole batch's activations with one scale, so a
+# row's output can differ in the last bits with what else is in the batch.
+PRECISIONS = ("float32", "bfloat16", "q8", "int8")
 
 
 Product = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x (N, in), weight (out, in), bias) -> (N, out)
@@ -78,14 +81,16 @@ class CpuLinear(nn.Module):
 def prepare(model: GPT, precision: str) -> GPT:
     """A copy of model for inference in precision; the original is left as it was.
 
-    On CPU in float32 every Linear gets packed weights and model.cpu_kernels's products, and a lone
-    stream's decoding steps run its blocks; where those cannot be built, every Linear becomes a
+    On CPU in float32 every Linear gets packed weights and model.cpu_kernels's products (in q8 its
+    weights as int8), and decoding steps run its blocks in C; where those cannot be built, every Linear becomes a
     CpuLinear. Packed weights (and the fallback's input-major ones) are new memory; the rest is
     shared with the original.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     on_cpu = model.transformer.wte.weight.device.type == "cpu"
+    if precision == "q8" and not on_cpu:
+        raise ValueError("q8 weights run on CPU only; use bfloat16 on CUDA")
     if precision == "int8":
         if not on_cpu:
             raise ValueError("int8 dynamic quantization runs on CPU only; use bfloat16 on CUDA")
@@ -99,7 +104,9 @@ def prepare(model: GPT, precision: str) -> GPT:
     model = copy.deepcopy(model, memo=shared)
     if not on_cpu:
         return model
-    if not use_packed_weights(model):
+    if not use_packed_weights(model, quantized=precision == "q8"):
+        if precision == "q8":
+            log.warning("q8 weights need model.cpu_kernels's C kernels, which could not be built: running float32")
         _cpu_linears(model, _cpu_product())
     return model
 

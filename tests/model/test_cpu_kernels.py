@@ -100,9 +100,9 @@ def test_every_block_is_a_row_step_block_over_packed_copies_of_the_models_weight
     assert all(isinstance(block, RowStepBlock) for block in prepared.transformer.h)
     step = prepared.transformer.h[1]
     linear = model.transformer.h[1].attn.c_attn
-    assert step._weights[2].data_ptr() == step.block.attn.c_attn.packed.data_ptr()
-    assert torch.equal(step._weights[2], cpu_kernels.pack(linear.weight))
-    assert step._weights[0].data_ptr() == model.transformer.h[1].ln_1.weight.data_ptr()  # layer norms shared
+    assert step._block.attn.f == step.block.attn.c_attn.packed.data_ptr() and step._block.attn.q is None
+    assert torch.equal(step.block.attn.c_attn.packed, cpu_kernels.pack(linear.weight))
+    assert step._block.ln1_w == model.transformer.h[1].ln_1.weight.data_ptr()  # layer norms shared
     assert isinstance(model.transformer.h[1].attn.c_attn, torch.nn.Linear)  # the original as it was
 
 
