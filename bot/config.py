@@ -74,11 +74,13 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch CPU threads of the inference engine, 0 = torch's default (other threads get one)"
     )
-    precision: Literal["float32", "bfloat16", "q8", "int8"] = Field(
-        "float32",
-        description="weights the engine computes with: float32; q8 (CPU only: int8 weights in memory, a scale per "
-        "32, as GGUF's Q8_0; a quarter of float32's bytes to read a token); int8 (CPU only: torch's dynamic "
-        "quantization); bfloat16 (for CUDA; slow on CPUs without bf16)",
+    precision: Literal["auto", "float32", "bfloat16", "q8", "q4", "int8"] = Field(
+        "auto",
+        description="weights the engine computes with: auto (a GGUF's own quantization on CPU, as q4 or q8; float32 "
+        "for float weights; bfloat16 on CUDA); float32; q8 (CPU only: int8 weights in memory, a scale per 32, as "
+        "GGUF's Q8_0); q4 (CPU only: 4-bit weights, a scale and a minimum per 32, as GGUF's Q4_1; the output "
+        "layer in q8); int8 (CPU only: torch's dynamic quantization); bfloat16 (for CUDA; slow on CPUs without "
+        "bf16)",
     )
     max_batch: int = Field(16, ge=1, le=1024, description="conversations the engine decodes together, 1 to 1024")
     max_queued: int = Field(
@@ -303,7 +305,7 @@ class Settings(BaseSettings):
     @field_validator("precision")
     @classmethod
     def _precision_for_device(cls, value: str, info: ValidationInfo) -> str:
-        if value in ("int8", "q8") and info.data.get("device") == "cuda":
+        if value in ("int8", "q8", "q4") and info.data.get("device") == "cuda":
             raise ValueError(f"{value} runs on CPU only; use bfloat16 with BOT_DEVICE=cuda")
         return value
 

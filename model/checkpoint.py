@@ -60,6 +60,7 @@ class LoadedModel:
     tokenizer: ChatTokenizer
     name: str
     config: GPTConfig
+    stored_as: str = "float32"  # how the file held the weights: a GGUF's type, such as "Q4_1"
 
 
 def save_checkpoint(
@@ -129,7 +130,8 @@ def _load_gguf(path: Path, device: str, max_context: int | None) -> LoadedModel:
         raise CheckpointError(str(e)) from e
     config = _gguf_config(gguf, max_context)
     model = _build_model(config, llama_state(hf_state, config), path)
-    return LoadedModel(model=model.to(device).eval(), tokenizer=_gguf_tokenizer(gguf), name=gguf.name, config=config)
+    return LoadedModel(model=model.to(device).eval(), tokenizer=_gguf_tokenizer(gguf), name=gguf.name, config=config,
+                       stored_as=gguf.weight_type)
 
 
 def _gguf_config(gguf: Any, max_context: int | None) -> GPTConfig:

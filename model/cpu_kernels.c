@@ -15,7 +15,10 @@
  * each run of QK = 32 inputs of a panel has sixteen float scales, one an output (as GGUF's Q8_0,
  * a scale per 32 weights of an output). A tile loads sixteen int8 weights, widens them to floats
  * and multiplies them by their scales in registers, then goes on as with float weights: a
- * quarter of the bytes to read, for a few more instructions a weight vector.
+ * quarter of the bytes to read, for a few more instructions a weight vector. Precision "q4" keeps
+ * four bits a weight (as GGUF's Q4_1: a scale d and a minimum m per 32 inputs of an output, a
+ * weight is m + d q, q in 0..15): an input's sixteen weights of a panel are eight bytes, byte i
+ * holding lane i in its low four bits and lane i + 8 in its high four.
  *
  * Row by row, as the weights' (n_out, n_in) layout asks, each output is a dot product whose
  * vector of sums ends in a horizontal sum, and a batch's rows each load every weight again;
@@ -41,12 +44,15 @@ typedef float vec __attribute__((vector_size(LANES * 4)));
 typedef int8_t bytes __attribute__((vector_size(LANES))); /* LANES int8 weights, widened to a vec */
 enum { QK = 32 }; /* inputs that share one scale an output */
 
-/* A Linear's packed weight: float panels f, or int8 panels q (panels, groups, QK, PANEL) with their
- * scales s (panels, groups, PANEL), groups = ceil(n_in / QK), the last group padded with zeros. */
+/* A Linear's packed weight: float panels f; or int8 panels q (panels, groups, QK, PANEL) with their
+ * scales s (panels, groups, PANEL); or four-bit panels q4 (panels, groups, QK, PANEL / 2) with
+ * scales s and minimums m (panels, groups, PANEL). groups = ceil(n_in / QK), the last one padded. */
 typedef struct {
     const float *f;
     const int8_t *q;
     const float *s;
+    const uint8_t *q4;
+    const float *m;
 } Mat;
 
 static inline vec load(const float *p) {
@@ -66,6 +72,28 @@ static inline vec widen(const int8_t *p) {
     bytes b;
     memcpy(&b, p, sizeof b);
     return __builtin_convertvector(b, vec);
+#endif
+}
+
+/* The four-bit weights of one input of a panel at p (eight bytes) as floats: all sixteen lanes
+ * with AVX-512; lanes 0-7 (part 0) or 8-15 (part 1) with eight lanes a vector. */
+static inline vec widen4(const uint8_t *p, int part) {
+#if defined(__AVX512F__)
+    (void)part;
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p), low = _mm_set1_epi8(0x0F);
+    const __m128i q = _mm_unpacklo_epi64(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+#elif defined(__AVX2__)
+    const __m128i b = _mm_loadl_epi64((const __m128i *)p), low = _mm_set1_epi8(0x0F);
+    const __m128i q = part ? _mm_and_si128(_mm_srli_epi16(b, 4), low) : _mm_and_si128(b, low);
+    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+#else
+    vec v;
+    for (int i = 0; i < LANES; i++) {
+        const int lane = part * LANES + i;
+        v[i] = (float)(lane < PANEL / 2 ? p[lane] & 0x0F : p[lane - PANEL / 2] >> 4);
+    }
+    return v;
 #endif
 }
 
@@ -176,7 +204,38 @@ static void put(float *y, const float *value, const float *b, int64_t n, int how
         for (int r = 0; r < MR; r++)                                                                    \
             for (int j = 0; j < V; j++) memcpy(out[r] + j * LANES, &acc[r][j], sizeof acc[r][j]);       \
     }
-#define TILES(MR, NP) TILE(MR, NP) QTILE(MR, NP)
+/* As QTILE, over four-bit panels q4 with their scales sc and minimums mn. */
+#define Q4TILE(MR, NP)                                                                                  \
+    static void q4tile_##MR##_##NP(const float *x, int64_t ldx, const uint8_t *q4, const float *sc,     \
+                                   const float *mn, int64_t n_in, float out[][MOST_PANELS * PANEL]) {   \
+        enum { V = NP * PER_PANEL };                                                                    \
+        const int64_t groups = (n_in + QK - 1) / QK;                                                    \
+        vec acc[MR][V];                                                                                 \
+        for (int r = 0; r < MR; r++)                                                                    \
+            for (int j = 0; j < V; j++) acc[r][j] = splat(0.0f);                                        \
+        for (int64_t g = 0; g < groups; g++) {                                                          \
+            vec scale[V], least[V];                                                                     \
+            for (int j = 0; j < V; j++) {                                                               \
+                const int64_t at = (j / PER_PANEL * groups + g) * PANEL + j % PER_PANEL * LANES;        \
+                scale[j] = load(sc + at);                                                               \
+                least[j] = load(mn + at);                                                               \
+            }                                                                                           \
+            const int64_t k0 = g * QK, kn = n_in - k0 < QK ? n_in - k0 : QK;                            \
+            for (int64_t k = 0; k < kn; k++) {                                                          \
+                vec w[V];                                                                               \
+                for (int j = 0; j < V; j++)                                                             \
+                    w[j] = widen4(q4 + ((j / PER_PANEL * groups + g) * QK + k) * (PANEL / 2), j % PER_PANEL) \
+                           * scale[j] + least[j];                                                       \
+                for (int r = 0; r < MR; r++) {                                                          \
+                    const vec xb = splat(x[r * ldx + k0 + k]);                                          \
+                    for (int j = 0; j < V; j++) acc[r][j] += xb * w[j];                                 \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int r = 0; r < MR; r++)                                                                    \
+            for (int j = 0; j < V; j++) memcpy(out[r] + j * LANES, &acc[r][j], sizeof acc[r][j]);       \
+    }
+#define TILES(MR, NP) TILE(MR, NP) QTILE(MR, NP) Q4TILE(MR, NP)
 TILES(1, 1) TILES(2, 1) TILES(3, 1) TILES(4, 1) TILES(5, 1) TILES(6, 1) TILES(1, 4) TILES(2, 2) TILES(3, 2)
 #ifdef __AVX512F__
 TILES(7, 1) TILES(8, 1)
@@ -186,6 +245,8 @@ TILES(1, 2) TILES(4, 2) TILES(5, 2) TILES(6, 2) TILES(7, 2) TILES(8, 2) TILES(2,
 typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float[][MOST_PANELS * PANEL]);
 typedef void (*qtile_fn)(const float *, int64_t, const int8_t *, const float *, int64_t,
                          float[][MOST_PANELS * PANEL]);
+typedef void (*q4tile_fn)(const float *, int64_t, const uint8_t *, const float *, const float *, int64_t,
+                          float[][MOST_PANELS * PANEL]);
 
 #ifdef __AVX512F__
 #define TILE_TABLES(P)                                                                                  \
@@ -205,12 +266,16 @@ typedef void (*qtile_fn)(const float *, int64_t, const int8_t *, const float *, 
 
 static tile_fn tile_for(int mr, int np) { TILE_TABLES() }
 static qtile_fn qtile_for(int mr, int np) { TILE_TABLES(q) }
+static q4tile_fn q4tile_for(int mr, int np) { TILE_TABLES(q4) }
 
 /* One tile of mr rows by np panels from panel `first` of w (n_in inputs) into out. */
 static void tile(const Mat *w, int64_t first, int mr, int np, const float *x, int64_t ldx, int64_t n_in,
                  float out[][MOST_PANELS * PANEL]) {
-    if (w->q) {
-        const int64_t groups = (n_in + QK - 1) / QK;
+    const int64_t groups = (n_in + QK - 1) / QK;
+    if (w->q4) {
+        q4tile_for(mr, np)(x, ldx, w->q4 + first * groups * QK * (PANEL / 2), w->s + first * groups * PANEL,
+                           w->m + first * groups * PANEL, n_in, out);
+    } else if (w->q) {
         qtile_for(mr, np)(x, ldx, w->q + first * groups * QK * PANEL, w->s + first * groups * PANEL, n_in, out);
     } else {
         tile_for(mr, np)(x, ldx, w->f + first * n_in * PANEL, n_in, out);

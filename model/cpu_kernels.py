@@ -53,9 +53,11 @@ MATRICES = ("attn", "attn_proj", "fc", "mlp_proj")
 
 
 class _Mat(ctypes.Structure):
-    """cpu_kernels.c's Mat: a packed weight, float panels f or int8 panels q with their scales s."""
+    """cpu_kernels.c's Mat: a packed weight, float panels f, int8 panels q with their scales s, or four-bit
+    panels q4 with their scales s and minimums m."""
 
-    _fields_ = [("f", ctypes.c_void_p), ("q", ctypes.c_void_p), ("s", ctypes.c_void_p)]
+    _fields_ = [("f", ctypes.c_void_p), ("q", ctypes.c_void_p), ("s", ctypes.c_void_p), ("q4", ctypes.c_void_p),
+                ("m", ctypes.c_void_p)]
 
 
 class _Block(ctypes.Structure):
@@ -128,29 +130,63 @@ def pack_q8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.view(-1, PANEL, groups).transpose(1, 2).contiguous()  # (panels, groups, PANEL)
 
 
-def unpack_q8(q: Tensor, scales: Tensor, idx: Tensor, in_features: int) -> Tensor:
-    """The dequantized weights (..., in) of outputs idx from pack_q8's panels: a tied embedding's rows."""
+def pack_q4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """weight (out, in) as four-bit panels (ceil(out / PANEL), groups, QK, PANEL / 2), byte i of an input
+    holding lane i low and lane i + 8 high, with float scales and minimums (ceil(out / PANEL), groups,
+    PANEL): each output's run of QK inputs as 16 levels from its least to its largest, as GGUF's Q4_1
+    (a GGUF Q4_1 weight comes back exactly)."""
+    out_features, in_features = weight.shape
+    groups = -(-in_features // QK)
+    padded = F.pad(weight.detach().float(), (0, groups * QK - in_features, 0, -out_features % PANEL))
+    runs = padded.view(padded.size(0), groups, QK)  # (out, groups, QK)
+    real = (torch.arange(groups * QK) < in_features).view(groups, QK)  # the padding is no input's weight
+    least = runs.masked_fill(~real, float("inf")).amin(dim=-1)  # (out, groups)
+    most = runs.masked_fill(~real, float("-inf")).amax(dim=-1)
+    scale = (most - least) / 15
+    q = torch.round((runs - least.unsqueeze(-1)) / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))
+    q = q.clamp(0, 15).to(torch.uint8).view(-1, PANEL, groups, QK).permute(0, 2, 3, 1)  # (panels, groups, QK, PANEL)
+    nibbles = (q[..., : PANEL // 2] | (q[..., PANEL // 2 :] << 4)).contiguous()
+    per_panel = lambda t: t.view(-1, PANEL, groups).transpose(1, 2).contiguous()  # noqa: E731
+    return nibbles, per_panel(scale), per_panel(least)
+
+
+def unpack(linear: "PackedLinear", idx: Tensor) -> Tensor:
+    """The weights (..., in) of outputs idx, dequantized from linear's panels: a tied embedding's rows."""
     panel, lane = idx // PANEL, idx % PANEL
-    runs = q[panel, :, :, lane].float() * scales[panel, :, lane].unsqueeze(-1)  # (..., groups, QK)
-    return runs.flatten(-2)[..., :in_features]
+    if linear.precision == "float32":
+        return linear.packed[panel, :, lane]
+    if linear.precision == "q8":
+        runs = linear.q[panel, :, :, lane].float() * linear.scales[panel, :, lane].unsqueeze(-1)  # (..., groups, QK)
+    else:
+        byte = linear.q4[panel, :, :, lane % (PANEL // 2)]  # (..., groups, QK)
+        nibble = torch.where((lane >= PANEL // 2).view(*lane.shape, 1, 1), byte >> 4, byte & 15)
+        runs = nibble.float() * linear.scales[panel, :, lane].unsqueeze(-1) + linear.mins[panel, :, lane].unsqueeze(-1)
+    return runs.flatten(-2)[..., : linear.in_features]
 
 
 class PackedLinear(nn.Module):
     """nn.Linear for float32 inference on CPU: its weight packed (pack), or kept as int8 (pack_q8,
-    quantized=True), its product cpu_kernels.c's, for one row or a batch's or a prompt's."""
+    precision "q8") or four bits (pack_q4, "q4"), its product cpu_kernels.c's, for one row or a
+    batch's or a prompt's."""
 
-    def __init__(self, linear: nn.Linear, lib: ctypes.CDLL, quantized: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, lib: ctypes.CDLL, precision: str = "float32") -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.quantized = quantized
-        if quantized:
+        self.precision = precision
+        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+        if precision == "q8":
             q, scales = pack_q8(linear.weight)
-            self.q = nn.Parameter(q, requires_grad=False)
-            self.scales = nn.Parameter(scales, requires_grad=False)
-            self.mat = _Mat(None, self.q.data_ptr(), self.scales.data_ptr())
+            self.q, self.scales = frozen(q), frozen(scales)
+            self.mat = _Mat(None, self.q.data_ptr(), self.scales.data_ptr(), None, None)
+        elif precision == "q4":
+            q4, scales, mins = pack_q4(linear.weight)
+            self.q4, self.scales, self.mins = frozen(q4), frozen(scales), frozen(mins)
+            self.mat = _Mat(None, None, self.scales.data_ptr(), self.q4.data_ptr(), self.mins.data_ptr())
+        elif precision == "float32":
+            self.packed = frozen(pack(linear.weight))
+            self.mat = _Mat(self.packed.data_ptr(), None, None, None, None)
         else:
-            self.packed = nn.Parameter(pack(linear.weight), requires_grad=False)
-            self.mat = _Mat(self.packed.data_ptr(), None, None)
+            raise ValueError(f"packed weights are float32, q8 or q4, not {precision!r}")
         self.bias = linear.bias  # the same tensor
         self._lib = lib
 
@@ -168,21 +204,18 @@ class PackedLinear(nn.Module):
 class PackedEmbedding(nn.Module):
     """A tied token embedding read from the LM head's packed weight, where token t's row is
     output t's column, so that the model keeps one copy of the table, not two (GPT-2 small's
-    is 154 MB). A token's lookup gathers n_embd floats 64 bytes apart (or int8 weights it scales):
-    at most a few MB for a prompt, against a step's hundreds of MB of weights."""
+    is 154 MB). A token's lookup gathers n_embd weights 64 bytes apart (or fewer bytes, which it
+    dequantizes): at most a few MB for a prompt, against a step's hundreds of MB of weights."""
 
     def __init__(self, head: PackedLinear) -> None:
         super().__init__()
-        self.in_features = head.in_features
-        # the head's own Parameters; weight is where the model's device and dtype are read: float32
-        # (the scales, where weights are int8)
-        self.weight = head.scales if head.quantized else head.packed
-        self.q = head.q if head.quantized else None
+        # not a child module (the head is the model's lm_head); its float tensor is where the
+        # model's device and dtype are read: float32
+        self._head = (head,)
+        self.weight = head.packed if head.precision == "float32" else head.scales
 
     def forward(self, idx: Tensor) -> Tensor:
-        if self.q is not None:
-            return unpack_q8(self.q, self.weight, idx, self.in_features)  # (..., n_embd)
-        return self.weight[idx // PANEL, :, idx % PANEL]  # (..., n_embd)
+        return unpack(self._head[0], idx)  # (..., n_embd)
 
 
 class RowStepBlock(nn.Module):
@@ -249,9 +282,9 @@ class RowStepBlock(nn.Module):
         return y.view(x.shape)
 
 
-def use_packed_weights(model: GPT, quantized: bool = False) -> bool:
-    """Put PackedLinears in place of model's Linears (a float32 model on CPU; int8 weights where
-    quantized), a PackedEmbedding in place of an embedding tied to the LM head, and RowStepBlocks
+def use_packed_weights(model: GPT, precision: str = "float32") -> bool:
+    """Put PackedLinears in place of model's Linears (a float32 model on CPU; its weights in precision:
+    float32, q8 or q4, where the LM head takes q8), a PackedEmbedding in place of an embedding tied to the LM head, and RowStepBlocks
     in place of its blocks. False, and model unchanged, where this machine cannot build
     cpu_kernels.c (no C compiler, say).
     """
@@ -262,16 +295,18 @@ def use_packed_weights(model: GPT, quantized: bool = False) -> bool:
         log.warning("the packed-weight kernels could not be built (%s); layers use their own code", detail.strip()[:500])
         return False
     tied = model.lm_head.weight is model.transformer.wte.weight
-    _pack_linears(model, lib, quantized)
+    _pack_linears(model.transformer, lib, precision)
+    # in q4 the output layer keeps 8 bits, as llama.cpp's 4-bit files keep it in Q6_K or Q8_0
+    model.lm_head = PackedLinear(model.lm_head, lib, "q8" if precision == "q4" else precision)
     if tied:
         model.transformer.wte = PackedEmbedding(model.lm_head)
     model.transformer.h = nn.ModuleList(RowStepBlock(block, lib, model.rotary) for block in model.transformer.h)
     return True
 
 
-def _pack_linears(module: nn.Module, lib: ctypes.CDLL, quantized: bool) -> None:
+def _pack_linears(module: nn.Module, lib: ctypes.CDLL, precision: str) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child, lib, quantized))
+            setattr(module, name, PackedLinear(child, lib, precision))
         else:
-            _pack_linears(child, lib, quantized)
+            _pack_linears(child, lib, precision)

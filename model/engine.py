@@ -15,7 +15,7 @@ import torch
 from model.batching import Batcher, BatchStats, Event, Request
 from model.checkpoint import LoadedModel
 from model.generate import SamplingParams
-from model.inference_weights import prepare
+from model.inference_weights import choose_precision, prepare
 from model.reply_text import ReplyText
 from model.tokenizer import ChatTokenizer
 
@@ -100,8 +100,9 @@ class InferenceEngine:
     Options: max_waiting requests may wait for a batch row (more raise EngineBusy at once);
     max_batch sequences decode together; cache_mb bounds the conversation cache; at most
     prefill_chunk prompt tokens run between two decoding steps; torch_threads (0 = torch's
-    default) for CPU; precision is one of inference_weights.PRECISIONS. The engine works on
-    its own copy of the weights (see model.inference_weights), on the model's device.
+    default) for CPU; precision is one of inference_weights.PRECISIONS, or auto (see
+    inference_weights.choose_precision). The engine works on its own copy of the weights (see
+    model.inference_weights), on the model's device.
     """
 
     def __init__(
@@ -115,16 +116,19 @@ class InferenceEngine:
         prefill_chunk: int = 256,
         precision: str = "float32",
     ) -> None:
-        model = prepare(loaded.model, precision)
+        device = loaded.model.transformer.wte.weight.device.type
+        chosen = choose_precision(precision, loaded.stored_as, device)
+        model = prepare(loaded.model, chosen)
         self.loaded = replace(loaded, model=model)
         self.max_waiting = max_waiting
-        self.max_batch, self.cache_mb, self.prefill_chunk, self.precision = max_batch, cache_mb, prefill_chunk, precision
+        self.max_batch, self.cache_mb, self.prefill_chunk, self.precision = max_batch, cache_mb, prefill_chunk, chosen
         self._torch_threads = torch_threads
         self._batcher = Batcher(model, max_batch=max_batch, cache_bytes=cache_mb * 2**20, prefill_chunk=prefill_chunk)
         pool = self._batcher.kv
+        how = f"{chosen} (auto: weights stored as {loaded.stored_as})" if precision == "auto" else chosen
         log.info(
             "inference engine: %s on %s, %d batch rows x %d positions (KV pool %.0f MiB), conversation cache %d MiB",
-            precision, self._batcher.device, pool.rows, self.context_size,
+            how, self._batcher.device, pool.rows, self.context_size,
             pool.rows * self.context_size * pool.bytes_per_token() / 2**20, cache_mb,
         )
         self._inbox: list[_Submitted] = []

@@ -81,6 +81,7 @@ class GGUFModel:
     chat_template: str | None
     bos_token: str | None
     eos_token: str | None
+    weight_type: str  # the type most of the blocks' weights are stored in, such as "Q4_1": what precision auto keeps
 
 
 def read_gguf_metadata(path: Path) -> GGUFModel:
@@ -144,7 +145,18 @@ def _describe(path: Path, reader: gguf.GGUFReader) -> GGUFModel:
         chat_template=fields.get("tokenizer.chat_template"),
         bos_token=tokens[bos] if bos is not None and bos < len(tokens) else None,
         eos_token=tokens[eos] if eos is not None and eos < len(tokens) else None,
+        weight_type=_weight_type(tensors),
     )
+
+
+def _weight_type(tensors: dict[str, Any]) -> str:
+    """The type that holds the most weights of the blocks' matrices (llama.cpp's "Q4_1" files keep
+    some tensors in other types)."""
+    counts: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("blk.") and len(tensor.shape) == 2:
+            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+    return max(counts, key=counts.__getitem__) if counts else "F32"
 
 
 def _hf_config(path: Path, arch: str, fields: dict[str, Any],

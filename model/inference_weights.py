@@ -19,10 +19,27 @@ log = logging.getLogger(__name__)
 # q8: every Linear (the LM head too) keeps int8 weights, a float scale per 32 inputs of an output
 # (as GGUF's Q8_0), which model.cpu_kernels's products widen in registers; activations stay
 # float32, so a row's result does not depend on the rest of its batch. CPU only.
+# q4: the same with four bits a weight, a scale and a minimum per 32 inputs (as GGUF's Q4_1).
 # int8: every Linear with int8 weights and activations quantized per call (torch dynamic
 # quantization, fbgemm), CPU only. It quantizes a whole batch's activations with one scale, so a
 # row's output can differ in the last bits with what else is in the batch.
-PRECISIONS = ("float32", "bfloat16", "q8", "int8")
+PRECISIONS = ("float32", "bfloat16", "q8", "q4", "int8")
+# What precision auto keeps of a GGUF file's weights on CPU: its 4-bit and smaller types as q4, its
+# 5- to 8-bit ones as q8 (no bits added, none lost beyond the block layout), float types as float32.
+GGUF_PRECISIONS = {
+    **dict.fromkeys(("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"), "q4"),
+    **dict.fromkeys(("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"), "q8"),
+}
+
+
+def choose_precision(setting: str, stored_as: str, device: str) -> str:
+    """The precision to run: setting, or for auto bfloat16 on CUDA and on CPU the file's own (a GGUF's
+    quantization, see GGUF_PRECISIONS; float32 for float weights, as trained)."""
+    if setting != "auto":
+        return setting
+    if device != "cpu":
+        return "bfloat16"
+    return GGUF_PRECISIONS.get(stored_as, "float32")
 
 
 Product = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x (N, in), weight (out, in), bias) -> (N, out)
@@ -81,16 +98,16 @@ class CpuLinear(nn.Module):
 def prepare(model: GPT, precision: str) -> GPT:
     """A copy of model for inference in precision; the original is left as it was.
 
-    On CPU in float32 every Linear gets packed weights and model.cpu_kernels's products (in q8 its
-    weights as int8), and decoding steps run its blocks in C; where those cannot be built, every Linear becomes a
-    CpuLinear. Packed weights (and the fallback's input-major ones) are new memory; the rest is
+    On CPU in float32 every Linear gets packed weights and model.cpu_kernels's products (in q8 and
+    q4 its weights kept in 8 or 4 bits), and decoding steps run its blocks in C; where those cannot
+    be built, every Linear becomes a CpuLinear. Packed weights (and the fallback's input-major ones) are new memory; the rest is
     shared with the original.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     on_cpu = model.transformer.wte.weight.device.type == "cpu"
-    if precision == "q8" and not on_cpu:
-        raise ValueError("q8 weights run on CPU only; use bfloat16 on CUDA")
+    if precision in ("q8", "q4") and not on_cpu:
+        raise ValueError(f"{precision} weights run on CPU only; use bfloat16 on CUDA")
     if precision == "int8":
         if not on_cpu:
             raise ValueError("int8 dynamic quantization runs on CPU only; use bfloat16 on CUDA")
@@ -104,9 +121,10 @@ def prepare(model: GPT, precision: str) -> GPT:
     model = copy.deepcopy(model, memo=shared)
     if not on_cpu:
         return model
-    if not use_packed_weights(model, quantized=precision == "q8"):
-        if precision == "q8":
-            log.warning("q8 weights need model.cpu_kernels's C kernels, which could not be built: running float32")
+    if not use_packed_weights(model, precision):
+        if precision != "float32":
+            log.warning("%s weights need model.cpu_kernels's C kernels, which could not be built: running float32",
+                        precision)
         _cpu_linears(model, _cpu_product())
     return model
 

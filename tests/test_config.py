@@ -37,7 +37,7 @@ BAD_VALUES = [
     ("BOT_MODEL_PATH", "/nonexistent/model", "no such folder or .gguf file"),
     ("BOT_DEVICE", "tpu", "'cpu' or 'cuda'"),
     ("BOT_TORCH_THREADS", "-2", "greater than or equal to 0"),
-    ("BOT_PRECISION", "int4", "'float32', 'bfloat16', 'q8' or 'int8'"),
+    ("BOT_PRECISION", "int4", "'auto', 'float32', 'bfloat16', 'q8', 'q4' or 'int8'"),
     ("BOT_MAX_BATCH", "0", "greater than or equal to 1"),
     ("BOT_MAX_QUEUED", "-1", "greater than or equal to 0"),
     ("BOT_KV_CACHE_MB", "lots", "valid integer"),
@@ -150,7 +150,7 @@ def test_check_config_prints_effective_settings_with_secrets_masked(tmp_path: Pa
     assert "SLACK_BOT_TOKEN=(not set)" in result.stdout
 
 
-@pytest.mark.parametrize("precision", ["int8", "q8"])
+@pytest.mark.parametrize("precision", ["int8", "q8", "q4"])
 def test_cpu_precisions_are_refused_on_cuda_with_the_alternative(monkeypatch: pytest.MonkeyPatch,
                                                                  precision: str) -> None:
     monkeypatch.setenv("BOT_DEVICE", "cuda")
