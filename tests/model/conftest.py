@@ -1,15 +1,22 @@
 """Fixtures for the model tests: the real GPT-2 tokenizer files and tiny random models."""
 
+import ctypes
 import os
-from collections.abc import Callable
+import platform
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from model import cpu_kernels
+from model.batching import Batcher, Request
 from model.config import GPTConfig
+from model.generate import SamplingParams
 from model.gpt import GPT
 from model.tokenizer import ChatTokenizer
+
+BatchedTokens = Callable[[GPT, list[list[int]], SamplingParams], list[list[int]]]
 
 CHAT_CORPUS = [
     "Hello there! How are you doing today?",
@@ -50,3 +57,43 @@ def make_model() -> Callable[..., GPT]:
         return GPT(GPTConfig(**fields)).eval()
 
     return make
+
+
+@pytest.fixture
+def batched_tokens() -> BatchedTokens:
+    """Runs prompts as one busy batch of 3 rows (the later ones wait, then join) through a Batcher of the
+    model, as the engine's worker does: each prompt's tokens."""
+
+    def run(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        batcher = Batcher(model, max_batch=3, cache_bytes=0, prefill_chunk=16)
+        requests = [Request(prompt_ids=p, params=params) for p in prompts]
+        for request in requests:
+            batcher.add(request)
+        tokens: dict[int, list[int]] = {id(r): [] for r in requests}
+        with torch.inference_mode():
+            while not batcher.idle:
+                for request, item in batcher.step():
+                    if isinstance(item, int):
+                        tokens[id(request)].append(item)
+        return [tokens[id(r)] for r in requests]
+
+    return run
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ctypes.CDLL]:
+    """cpu_kernels.c as built for this CPU, and built without AVX-512: the AVX2 tiles, whatever this CPU has."""
+    if request.param == "native":
+        yield cpu_kernels.library()
+        return
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX2 build is for x86-64")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-mno-avx512f"))
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("avx2")))
+    cpu_kernels.library.cache_clear()
+    try:
+        yield cpu_kernels.library()
+    finally:
+        cpu_kernels.library.cache_clear()
+        patch.undo()

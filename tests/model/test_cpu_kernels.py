@@ -3,10 +3,8 @@ results and tokens as the model, for the GPT-2 family's options and the Llama fa
 
 import ctypes
 import os
-import platform
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 import torch
 
 from model import cpu_kernels
+from conftest import BatchedTokens
 from model.batching import Batcher, Request
 from model.config import GPTConfig
 from model.cpu_kernels import PackedLinear, RowStepBlock
@@ -200,22 +199,12 @@ def test_the_kernels_gelu_matches_torchs_over_a_wide_range() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_a_busy_batch_gives_each_prompt_its_tokens_alone(model: GPT, prepared: GPT,
-                                                          block_calls: list[list[int]]) -> None:
+def test_a_busy_batch_gives_each_prompt_its_tokens_alone(model: GPT, prepared: GPT, block_calls: list[list[int]],
+                                                          batched_tokens: BatchedTokens) -> None:
     prompts = [[5, 6], list(range(40, 75)), [9] * 11]  # the second slides the 48-token window
     with torch.inference_mode():
         expected = [list(generate_tokens(model, p, GREEDY)) for p in prompts]
-    batcher = Batcher(prepared, max_batch=3, cache_bytes=0, prefill_chunk=16)
-    requests = [Request(prompt_ids=p, params=GREEDY) for p in prompts]
-    for request in requests:
-        batcher.add(request)
-    tokens: dict[int, list[int]] = {id(r): [] for r in requests}
-    with torch.inference_mode():
-        while not batcher.idle:
-            for request, item in batcher.step():
-                if isinstance(item, int):
-                    tokens[id(request)].append(item)
-    assert [tokens[id(r)] for r in requests] == expected
+    assert batched_tokens(prepared, prompts, GREEDY) == expected
     assert max(len(rows) for rows in block_calls) == 3
 
 
@@ -271,25 +260,6 @@ def test_the_library_is_built_once_and_kept_for_the_next_process(tmp_path: Path)
         built.append((path, path.stat().st_ino, path.stat().st_mtime_ns))
     assert built[0] == built[1]  # the same file, not built and renamed into place again
     assert list((tmp_path / "gptbot").iterdir()) == [built[0][0]]  # the stale builds removed
-
-
-@pytest.fixture(scope="module", params=["native", "avx2"])
-def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ctypes.CDLL]:
-    """cpu_kernels.c as built for this CPU, and built without AVX-512: the AVX2 tiles, whatever this CPU has."""
-    if request.param == "native":
-        yield cpu_kernels.library()
-        return
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the AVX2 build is for x86-64")
-    patch = pytest.MonkeyPatch()
-    patch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-mno-avx512f"))
-    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("avx2")))
-    cpu_kernels.library.cache_clear()
-    try:
-        yield cpu_kernels.library()
-    finally:
-        cpu_kernels.library.cache_clear()
-        patch.undo()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 40])

@@ -3,7 +3,6 @@ dequantize-then-multiply reference, GGUF's Q8_0 and Q4_1 kept exactly, and the s
 alone and inside a busy batch."""
 
 import ctypes
-from collections.abc import Iterator
 
 import gguf
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from model import cpu_kernels
-from model.batching import Batcher, Request
+from conftest import BatchedTokens
 from model.config import GPTConfig
 from model.cpu_kernels import QK, PackedEmbedding, PackedLinear, unpack
 from model.generate import SamplingParams, generate_tokens
@@ -42,23 +41,6 @@ def reference_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
             rounded = torch.where(scale > 0, torch.round((run - least) / scale).clamp(0, 15) * scale, 0) + least
         result[:, start : start + QK] = rounded
     return result
-
-
-@pytest.fixture(scope="module", params=["native", "avx2"])
-def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ctypes.CDLL]:
-    """As in test_cpu_kernels: this CPU's build, and one without AVX-512 (the AVX2 tiles)."""
-    if request.param == "native":
-        yield cpu_kernels.library()
-        return
-    patch = pytest.MonkeyPatch()
-    patch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-mno-avx512f"))
-    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("avx2")))
-    cpu_kernels.library.cache_clear()
-    try:
-        yield cpu_kernels.library()
-    finally:
-        cpu_kernels.library.cache_clear()
-        patch.undo()
 
 
 @QUANTIZED
@@ -111,7 +93,8 @@ def test_a_tied_embedding_reads_the_8_bit_head(precision: str) -> None:
 @QUANTIZED
 @pytest.mark.parametrize("config", [GPTConfig(vocab_size=300, block_size=40, n_layer=2, n_head=4, n_embd=96), LLAMA],
                          ids=["gpt2", "llama"])
-def test_greedy_tokens_are_the_same_alone_and_inside_a_busy_batch(config: GPTConfig, precision: str) -> None:
+def test_greedy_tokens_are_the_same_alone_and_inside_a_busy_batch(config: GPTConfig, precision: str,
+                                                                  batched_tokens: BatchedTokens) -> None:
     torch.manual_seed(3)
     model = GPT(config).eval()
     with torch.no_grad():
@@ -123,17 +106,7 @@ def test_greedy_tokens_are_the_same_alone_and_inside_a_busy_batch(config: GPTCon
     prompts = [[5, 6], list(range(40, 75)), [9] * 11, [7]]  # the second slides the 40-token window
     with torch.inference_mode():
         alone = [list(generate_tokens(prepared, p, GREEDY)) for p in prompts]
-    batcher = Batcher(prepared, max_batch=3, cache_bytes=0, prefill_chunk=16)
-    requests = [Request(prompt_ids=p, params=GREEDY) for p in prompts]
-    for request in requests:
-        batcher.add(request)
-    tokens: dict[int, list[int]] = {id(r): [] for r in requests}
-    with torch.inference_mode():
-        while not batcher.idle:
-            for request, item in batcher.step():
-                if isinstance(item, int):
-                    tokens[id(request)].append(item)
-    assert [tokens[id(r)] for r in requests] == alone
+    assert batched_tokens(prepared, prompts, GREEDY) == alone
     assert all(len(t) == GREEDY.max_new_tokens for t in alone)
 
 
