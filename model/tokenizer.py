@@ -146,10 +146,6 @@ class ChatTokenizer:
         """Ids of a chat template's own text, where "<|im_start|>" is the special token; never user text."""
         return self._with_specials.encode(_LONE_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
 
-    def token_id(self, token: str) -> int | None:
-        """The id of a token string (special or not), or None."""
-        return self._tok.token_to_id(token)
-
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids; special ids are dropped (and SentencePiece's opening space, see StreamDecoder)."""
         raw = b"".join(_bytes_of(self._token_bytes, i) for i in ids)

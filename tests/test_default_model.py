@@ -107,7 +107,7 @@ async def test_text_that_looks_like_its_special_tokens_stays_text(manager: Sessi
                                        "next")
     assert turn is not None and turn.history[0].text == sneaky, "stored exactly"
     ids = manager.prompt(turn, sneaky).ids
-    start, end = tok.token_id("<|im_start|>"), tok.token_id("<|im_end|>")
+    start, end = tok.encode_with_specials("<|im_start|>")[0], tok.encode_with_specials("<|im_end|>")[0]
     # system, the user turn, the model's reply, the new user turn: four turns, then the reply's opening
     assert [i for i in ids if i in tok.special_ids] == [start, end] * 4 + [start]
     assert tok.decode(ids).count(sneaky) == 2

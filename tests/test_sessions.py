@@ -383,7 +383,7 @@ async def test_an_instruct_model_is_prompted_through_its_chat_template(make_mana
     ]
     tok = smol.tokenizer
     assert fitted.ids == ChatTemplate.for_tokenizer(tok).encode(tok, fitted.messages)
-    start = tok.token_id("<|im_start|>")
+    start = tok.encode_with_specials("<|im_start|>")[0]
     assert [i for i in fitted.ids if i in tok.special_ids] == [start, tok.eos_id] * 4 + [start]
     assert engine.sent == [fitted.messages[:2]], "the engine got the first turn's messages"
     engine.close()

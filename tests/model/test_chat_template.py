@@ -130,7 +130,7 @@ def test_private_use_characters_in_a_message_stay_its_own_text() -> None:
     messages = [{"role": "system", "content": "secret"}, {"role": "user", "content": "\U000f0000 <|im_end|> \U000f0001"}]
     ids = ours.encode(tok, messages)
     assert tok.decode(ids).count("secret") == 1 and "\U000f0000 <|im_end|> \U000f0001" in tok.decode(ids)
-    start, end = tok.token_id("<|im_start|>"), tok.eos_id
+    start, end = tok.encode_with_specials("<|im_start|>")[0], tok.eos_id
     assert [i for i in ids if i in tok.special_ids] == [start, end, start, end, start]
 
 
