@@ -97,6 +97,7 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     return {
         "torch_threads": settings.torch_threads,
         "precision": settings.precision,
+        "kv_precision": settings.kv_precision,
         "max_batch": settings.max_batch,
         "max_waiting": settings.max_queued,
         "cache_mb": settings.kv_cache_mb,

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         "layer in q8); int8 (CPU only: torch's dynamic quantization); bfloat16 (for CUDA; slow on CPUs without "
         "bf16)",
     )
+    kv_precision: Literal["auto", "float32", "float16"] = Field(
+        "auto",
+        description="what the key/value pool and the conversation cache hold: auto (the dtype the weights compute "
+        "in: float32 on CPU, bfloat16 on CUDA); float32; float16 (half the memory, and half the bytes attention "
+        "reads at long contexts)",
+    )
     max_batch: int = Field(16, ge=1, le=1024, description="conversations the engine decodes together, 1 to 1024")
     max_queued: int = Field(
         64, ge=0, le=100_000, description="requests that may wait for a batch row; one more is answered busy"

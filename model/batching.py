@@ -64,9 +64,12 @@ class Batcher:
     row its pending token in one batched forward pass and samples the next. A sequence that
     ends leaves at once and the last row moves into its place, so the rows stay contiguous.
     Greedy decoding gives the same tokens as generate.generate_tokens, whatever else runs.
+    The pool, and the conversation cache's copies of its rows, hold kv_dtype (default: the
+    weights' dtype); a narrower one is widened where attention reads it.
     """
 
-    def __init__(self, model: GPT, *, max_batch: int, cache_bytes: int, prefill_chunk: int) -> None:
+    def __init__(self, model: GPT, *, max_batch: int, cache_bytes: int, prefill_chunk: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
         if max_batch < 1 or prefill_chunk < 1 or cache_bytes < 0:
             raise ValueError("max_batch and prefill_chunk must be >= 1, cache_bytes >= 0")
         weight = model.transformer.wte.weight
@@ -74,7 +77,7 @@ class Batcher:
         self.device = weight.device
         self.block_size = model.config.block_size
         self.prefill_chunk = prefill_chunk
-        self.kv = RowKVCache(model.config, max_batch, self.device, weight.dtype)
+        self.kv = RowKVCache(model.config, max_batch, self.device, kv_dtype or weight.dtype)
         # tokens each row has generated, for the repetition penalty: (max_batch, vocab)
         self.seen = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.bool, device=self.device)
         self.conversations = ConversationCache(cache_bytes, max_spares=max_batch)  # a turn ends per row at most

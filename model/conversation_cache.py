@@ -12,7 +12,7 @@ from torch import Tensor
 @dataclass(frozen=True)
 class CachedTurn:
     ids: tuple[int, ...]  # the tokens at positions 0 .. len-1 whose keys and values kv holds
-    kv: Tensor  # (2, n_layer, nh, len(ids), hs), as RowKVCache.read_row gives; may view a larger buffer
+    kv: Tensor  # (2, n_layer, nh, len(ids), hs) in the pool's dtype, from RowKVCache.read_row; may view a larger buffer
 
     @property
     def nbytes(self) -> int:

@@ -348,33 +348,129 @@ typedef struct {
     Mat attn, attn_proj, fc, mlp_proj;
 } Block;
 
+/* The key/value pool's element type, cpu_kernels.KV_TYPES: float32, or IEEE float16 (bits in a
+ * uint16_t). float16 rather than bfloat16: F16C (AVX-512F) converts eight (sixteen) values either
+ * way in one instruction, rounding to nearest even as torch's .to(torch.float16) does, where
+ * bfloat16's rounding takes integer arithmetic in AVX2; its 11 significant bits keep keys and
+ * values 8x closer than bfloat16's 8; and its range (65504) is far beyond the keys and values of
+ * the models we run (SmolLM2's largest: 24). llama.cpp's cache is float16 by default too. */
+enum { KV_F32, KV_F16 };
+
+/* Where element `at` of a pool of kv_type lies. */
+static inline void *kv_at(void *base, int kv_type, int64_t at) {
+    return (char *)base + at * (kv_type == KV_F16 ? 2 : 4);
+}
+
+/* One float16 as a float and back (scalar; the compiler's _Float16 uses F16C where it has it). */
+static inline float from_half(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, sizeof h);
+    return (float)x;
+}
+
+static inline uint16_t to_half(float f) {
+    const _Float16 x = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &x, sizeof h);
+    return h;
+}
+
+/* LANES float16 values at p as floats. */
+static inline vec load_half(const uint16_t *p) {
+#if defined(__AVX512F__)
+    return (vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__AVX2__) && defined(__F16C__)
+    return (vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    vec v;
+    for (int i = 0; i < LANES; i++) v[i] = from_half(p[i]);
+    return v;
+#endif
+}
+
+/* x (n) into dst as float16, rounded to nearest even. */
+static void store_halves(uint16_t *dst, const float *x, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + LANES <= n; i += LANES)
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__AVX2__) && defined(__F16C__)
+    for (; i + LANES <= n; i += LANES)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) dst[i] = to_half(x[i]);
+}
+
+/* The sum of v's lanes as a tree of halves: four shuffles and additions with AVX-512, where adding
+ * lane by lane (as dot does) takes a shuffle and a dependent addition a lane. */
+static inline float sum_lanes(vec v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX2__)
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
+    float s = 0.0f;
+    for (int j = 0; j < LANES; j++) s += v[j];
+    return s;
+#endif
+}
+
+/* a . b over n values, b float16: dot's sibling for a float16 pool's keys */
+static float dot_half(const float *a, const uint16_t *b, int64_t n) {
+    vec sums = splat(0.0f);
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) sums += load(a + i) * load_half(b + i);
+    float s = sum_lanes(sums);
+    for (; i < n; i++) s += a[i] * from_half(b[i]);
+    return s;
+}
+
+/* out (n) += w * x, x float16: a float16 pool's values into an attention output */
+static void add_scaled_halves(float *out, float w, const uint16_t *x, int64_t n) {
+    const vec ws = splat(w);
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const vec sum = load(out + i) + ws * load_half(x + i);
+        memcpy(out + i, &sum, sizeof sum);
+    }
+    for (; i < n; i++) out[i] += w * from_half(x[i]);
+}
+
 /* One head of one row's attention: q (hd) against the keys and values of positions 0..S-1 at
- * kh, vh (pos_stride apart), with p (S) for the scores, into out (hd). */
-static void attend(const float *q, const float *kh, const float *vh, int64_t S, int64_t pos_stride, int64_t hd,
-                   float scale, float *p, float *out) {
+ * kh, vh (pos_stride elements of kv_type apart), with p (S) for the scores, into out (hd). */
+static void attend(const float *q, const void *kh, const void *vh, int kv_type, int64_t S, int64_t pos_stride,
+                   int64_t hd, float scale, float *p, float *out) {
+    const float *kf = kh, *vf = vh;
+    const uint16_t *kb = kh, *vb = vh;
     float top = -INFINITY, total = 0.0f;
     for (int64_t s = 0; s < S; s++) {
-        p[s] = dot(q, kh + s * pos_stride, hd) * scale;
+        p[s] = (kv_type == KV_F16 ? dot_half(q, kb + s * pos_stride, hd) : dot(q, kf + s * pos_stride, hd)) * scale;
         top = p[s] > top ? p[s] : top;
     }
     for (int64_t s = 0; s < S; s++) total += (p[s] = expf(p[s] - top));
     memset(out, 0, sizeof(float) * hd);
+    if (kv_type == KV_F16) {
+        for (int64_t s = 0; s < S; s++) add_scaled_halves(out, p[s] / total, vb + s * pos_stride, hd);
+        return;
+    }
     for (int64_t s = 0; s < S; s++) {
-        const float weight = p[s] / total, *vs = vh + s * pos_stride;
+        const float weight = p[s] / total, *vs = vf + s * pos_stride;
         for (int64_t d = 0; d < hd; d++) out[d] += weight * vs[d];
     }
 }
 
 /* Block.decode_rows for one new token of each of B sequences, x (B, n_embd; updated in place):
- * row b's token at position pos[b], after positions 0..pos[b]-1, its keys and values at
- * k + b * row_stride and v + b * row_stride, element [h, s, d] of key/value head h at
+ * row b's token at position pos[b], after positions 0..pos[b]-1, its keys and values (kv_type's
+ * elements) at k + b * row_stride and v + b * row_stride, element [h, s, d] of key/value head h at
  * h * head_stride + s * pos_stride + d; the token's own go to position pos[b], below n_pos.
  * Query head h reads key/value head h / (n_head / n_kv_head) (grouped-query attention). The
  * products take all B rows at once; attention, one row and head at a time, sees each row's own
  * positions. Returns 0; -1 where memory ran out, -2 where a position lies outside 0..n_pos-1
  * (nothing changed either way). */
-int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, float *k, float *v, int64_t n_pos,
-               int64_t row_stride, int64_t head_stride, int64_t pos_stride, int threads) {
+int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, void *k, void *v, int kv_type,
+               int64_t n_pos, int64_t row_stride, int64_t head_stride, int64_t pos_stride, int threads) {
     const int64_t C = blk->n_embd, n_head = blk->n_head, n_kv = blk->n_kv_head, hd = C / n_head;
     const int64_t kvC = n_kv * hd, qkvC = C + 2 * kvC, group = n_head / n_kv, half = hd / 2;
     const int64_t n_in = blk->n_inner, n_fc = blk->swiglu ? 2 * n_in : n_in;
@@ -398,16 +494,23 @@ int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, float 
             const int64_t b = i / n_kv, head = i % n_kv;
             float *key = qkv + b * qkvC + C + head * hd, *value = key + kvC;
             if (blk->rope_cos) rotate(key, blk->rope_cos + pos[b] * half, blk->rope_sin + pos[b] * half, hd);
-            memcpy(k + b * row_stride + head * head_stride + pos[b] * pos_stride, key, sizeof(float) * hd);
-            memcpy(v + b * row_stride + head * head_stride + pos[b] * pos_stride, value, sizeof(float) * hd);
+            const int64_t at = b * row_stride + head * head_stride + pos[b] * pos_stride;
+            if (kv_type == KV_F16) {
+                store_halves(kv_at(k, kv_type, at), key, hd);
+                store_halves(kv_at(v, kv_type, at), value, hd);
+            } else {
+                memcpy(kv_at(k, kv_type, at), key, sizeof(float) * hd);
+                memcpy(kv_at(v, kv_type, at), value, sizeof(float) * hd);
+            }
         }
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * n_head; i++) {
             const int64_t b = i / n_head, head = i % n_head, kv_head = head / group;
             float *q = qkv + b * qkvC + head * hd;
             if (blk->rope_cos) rotate(q, blk->rope_cos + pos[b] * half, blk->rope_sin + pos[b] * half, hd);
-            const float *kh = k + b * row_stride + kv_head * head_stride, *vh = v + b * row_stride + kv_head * head_stride;
-            attend(q, kh, vh, pos[b] + 1, pos_stride, hd, scale, scores + i * S, y + b * C + head * hd);
+            const int64_t at = b * row_stride + kv_head * head_stride;
+            attend(q, kv_at(k, kv_type, at), kv_at(v, kv_type, at), kv_type, pos[b] + 1, pos_stride, hd, scale,
+                   scores + i * S, y + b * C + head * hd);
         }
         packed_rows(y, B, C, &blk->attn_proj, blk->attn_proj_b, x, C, C, C, ADD);
         #pragma omp for schedule(static)

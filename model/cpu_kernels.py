@@ -50,6 +50,8 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-
 QK = 32  # cpu_kernels.c's QK: inputs that share one scale an output in int8 weights
 VECTORS = ("ln1_w", "ln1_b", "attn_b", "attn_proj_b", "ln2_w", "ln2_b", "fc_b", "mlp_proj_b")
 MATRICES = ("attn", "attn_proj", "fc", "mlp_proj")
+# cpu_kernels.c's KV_F32, KV_F16: the element types a key/value pool may have
+KV_TYPES = {torch.float32: 0, torch.float16: 1}
 
 
 class _Mat(ctypes.Structure):
@@ -101,7 +103,7 @@ def library() -> ctypes.CDLL:
                 stale.unlink(missing_ok=True)  # a process that loaded it keeps its mapping
     lib = ctypes.CDLL(str(path))  # ctypes releases the GIL during each call
     lib.block_rows.argtypes = [ctypes.POINTER(_Block), ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3,
-                               *[ctypes.c_int64] * 4, ctypes.c_int]
+                               ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_int]
     lib.block_rows.restype = ctypes.c_int
     lib.packed_product.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Mat), *[ctypes.c_void_p] * 2,
                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
@@ -265,16 +267,18 @@ class RowStepBlock(nn.Module):
         return self._rows(x, cache.k[self.layer], cache.v[self.layer], pos)
 
     def _rows(self, x: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        """x (B, 1, C): row b's token at position pos[b] of k[b], v[b] (nh, block_size, hs), after
-        the positions before it; block_rows stores its key and value there."""
+        """x (B, 1, C): row b's token at position pos[b] of k[b], v[b] (nh, block_size, hs), float32
+        or float16, after the positions before it; block_rows stores its key and value there."""
         B = x.size(0)
         pos = pos.to(torch.int64).contiguous()
         if k.size(0) < B or pos.numel() != B or k.stride() != v.stride() or k.stride(-1) != 1:
             raise ValueError(f"{B} rows or cache strides {k.stride()} outside what a row step handles")
+        if k.dtype not in KV_TYPES or v.dtype != k.dtype:
+            raise ValueError(f"a row step's keys and values are float32 or float16, not {k.dtype} and {v.dtype}")
         y = x.reshape(B, -1).clone(memory_format=torch.contiguous_format)  # block_rows updates it in place
         done = self._lib.block_rows(ctypes.byref(self._block), y.data_ptr(), B, pos.data_ptr(), k.data_ptr(),
-                                    v.data_ptr(), k.size(2), k.stride(0), k.stride(1), k.stride(2),
-                                    torch.get_num_threads())
+                                    v.data_ptr(), KV_TYPES[k.dtype], k.size(2), k.stride(0), k.stride(1),
+                                    k.stride(2), torch.get_num_threads())
         if done == -2:
             raise ValueError(f"positions {pos.tolist()} outside the cache's {k.size(2)}")
         if done:

@@ -16,6 +16,7 @@ from model.batching import Batcher, BatchStats, Event, Request
 from model.checkpoint import LoadedModel
 from model.generate import SamplingParams
 from model.inference_weights import choose_precision, prepare
+from model.kv_pool import kv_dtype
 from model.reply_text import ReplyText
 from model.tokenizer import ChatTokenizer
 
@@ -101,8 +102,9 @@ class InferenceEngine:
     max_batch sequences decode together; cache_mb bounds the conversation cache; at most
     prefill_chunk prompt tokens run between two decoding steps; torch_threads (0 = torch's
     default) for CPU; precision is one of inference_weights.PRECISIONS, or auto (see
-    inference_weights.choose_precision). The engine works on its own copy of the weights (see
-    model.inference_weights), on the model's device.
+    inference_weights.choose_precision); kv_precision is one of kv_pool.KV_PRECISIONS, what the
+    key/value pool and the conversation cache hold. The engine works on its own copy of the
+    weights (see model.inference_weights), on the model's device.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class InferenceEngine:
         cache_mb: int = 256,
         prefill_chunk: int = 256,
         precision: str = "float32",
+        kv_precision: str = "auto",
     ) -> None:
         device = loaded.model.transformer.wte.weight.device.type
         chosen = choose_precision(precision, loaded.stored_as, device)
@@ -122,14 +125,17 @@ class InferenceEngine:
         self.loaded = replace(loaded, model=model)
         self.max_waiting = max_waiting
         self.max_batch, self.cache_mb, self.prefill_chunk, self.precision = max_batch, cache_mb, prefill_chunk, chosen
+        self.kv_dtype = kv_dtype(kv_precision, model.transformer.wte.weight.dtype)
         self._torch_threads = torch_threads
-        self._batcher = Batcher(model, max_batch=max_batch, cache_bytes=cache_mb * 2**20, prefill_chunk=prefill_chunk)
+        self._batcher = Batcher(model, max_batch=max_batch, cache_bytes=cache_mb * 2**20, prefill_chunk=prefill_chunk,
+                                kv_dtype=self.kv_dtype)
         pool = self._batcher.kv
         how = f"{chosen} (auto: weights stored as {loaded.stored_as})" if precision == "auto" else chosen
+        pool_type = "" if self.kv_dtype == torch.float32 else f" {str(self.kv_dtype).removeprefix('torch.')}"
         log.info(
-            "inference engine: %s on %s, %d batch rows x %d positions (KV pool %.0f MiB), conversation cache %d MiB",
+            "inference engine: %s on %s, %d batch rows x %d positions (KV pool %.0f MiB%s), conversation cache %d MiB",
             how, self._batcher.device, pool.rows, self.context_size,
-            pool.rows * self.context_size * pool.bytes_per_token() / 2**20, cache_mb,
+            pool.rows * self.context_size * pool.bytes_per_token() / 2**20, pool_type, cache_mb,
         )
         self._inbox: list[_Submitted] = []
         self._wake = threading.Condition()

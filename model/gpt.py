@@ -40,7 +40,8 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
 
     def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, nkv, T, hs) at [start_pos, start_pos+T); return views of [0, start_pos+T)."""
+        """Write k, v (B, nkv, T, hs) at [start_pos, start_pos+T), cast to the cache's dtype; return
+        views of [0, start_pos+T)."""
         end = start_pos + k.size(2)
         self.k[layer][:, :, start_pos:end] = k
         self.v[layer][:, :, start_pos:end] = v
@@ -123,7 +124,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self._heads(x, rope)
         if kv_cache is not None:
+            # stored in the cache's dtype (rounded where it is narrower), read back in q's
             k, v = kv_cache.update(self.layer, start_pos, k, v)  # (B, nkv, S, hs), S = start_pos+T
+            k, v = k.to(q.dtype), v.to(q.dtype)
         S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
         gqa = self.n_kv_head != self.n_head
@@ -151,7 +154,8 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, C = x.size()
         q, k, v = self._heads(x, rope)  # q (B, nh, 1, hs), k, v (B, nkv, 1, hs)
-        k, v = cache.write_rows(self.layer, pos, k, v, mask.size(-1))  # (B, nkv, S, hs)
+        k, v = cache.write_rows(self.layer, pos, k, v, mask.size(-1))  # (B, nkv, S, hs), the pool's dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 

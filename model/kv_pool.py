@@ -12,6 +12,18 @@ from model.gpt import KVCache
 
 Allocate = Callable[[int, torch.dtype, torch.device], Tensor]  # (numel, dtype, device) -> flat tensor
 
+# What a pool may hold, an operator's choice: auto, the weights' dtype (float32 on CPU, as trained;
+# bfloat16 on CUDA); float32; float16, half the memory and half the bytes a long context's attention
+# reads, which cpu_kernels.c's decoding step converts in registers.
+KV_PRECISIONS = ("auto", "float32", "float16")
+
+
+def kv_dtype(setting: str, weights: torch.dtype) -> torch.dtype:
+    """The pool's dtype for a KV_PRECISIONS setting, given the dtype the weights compute in."""
+    if setting not in KV_PRECISIONS:
+        raise ValueError(f"the key/value precision must be one of {KV_PRECISIONS}, not {setting!r}")
+    return weights if setting == "auto" else getattr(torch, setting)
+
 
 def _new_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(numel, dtype=dtype, device=device)
@@ -34,6 +46,8 @@ class RowKVCache:
     Row b holds the sequence in batch slot b at positions 0 .. its length-1. A decoding step
     writes each row's new key at that row's own position (no torch.cat, no reallocation);
     attention reads the first S positions of every row and masks what lies past a row's end.
+    The pool's dtype may be narrower than the model's (see KV_PRECISIONS): keys and values are
+    rounded as they are written, and widened where attention reads them.
     """
 
     def __init__(self, config: GPTConfig, rows: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -67,12 +81,13 @@ class RowKVCache:
         return 2 * self.k.size(0) * n_head * head_dim * self.k.element_size()
 
     def write_rows(self, layer: int, pos: Tensor, k: Tensor, v: Tensor, span: int) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nkv, 1, hs) of rows 0..B-1 at positions pos (B,); views (B, nkv, span, hs)."""
+        """Store k, v (B, nkv, 1, hs) of rows 0..B-1 at positions pos (B,), rounded to the pool's dtype;
+        views (B, nkv, span, hs), in the pool's dtype."""
         B = k.size(0)
         rows = self._row_ids[:B]
         # advanced indices around a slice: the indexed result is (B, nkv, hs), as k[:, :, 0]
-        self.k[layer][rows, :, pos] = k[:, :, 0]
-        self.v[layer][rows, :, pos] = v[:, :, 0]
+        self.k[layer][rows, :, pos] = k[:, :, 0].to(self.k.dtype)  # index_put casts nothing itself
+        self.v[layer][rows, :, pos] = v[:, :, 0].to(self.v.dtype)
         return self.k[layer, :B, :, :span], self.v[layer, :B, :, :span]
 
     def row(self, r: int) -> KVCache:
