@@ -16,9 +16,10 @@ from model.gpt import GPT
 log = logging.getLogger(__name__)
 
 # float32: as trained. bfloat16: half the bytes; fast where the hardware has bf16 (CUDA).
-# q8: every Linear (the LM head too) keeps int8 weights, a float scale per 32 inputs of an output
-# (as GGUF's Q8_0), which model.cpu_kernels's products widen in registers; activations stay
-# float32, so a row's result does not depend on the rest of its batch. CPU only.
+# q8: every Linear (the LM head too) keeps int8 weights, a half-precision scale per 32 inputs of an
+# output (as GGUF's Q8_0); model.cpu_kernels's products are integer products, each row's inputs
+# quantized to int8 per run of 32 (as llama.cpp's), row by row, so a row's result does not depend
+# on the rest of its batch. CPU only.
 # q4: the same with four bits a weight, a scale and a minimum per 32 inputs (as GGUF's Q4_1).
 # int8: every Linear with int8 weights and activations quantized per call (torch dynamic
 # quantization, fbgemm), CPU only. It quantizes a whole batch's activations with one scale, so a

@@ -25,21 +25,36 @@ LLAMA = GPTConfig(vocab_size=300, block_size=40, n_layer=2, n_head=4, n_embd=96,
 QUANTIZED = pytest.mark.parametrize("precision", ["q8", "q4"])
 
 
+def half(t: torch.Tensor) -> torch.Tensor:
+    return t.half().float()
+
+
 def reference_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
     """Each output's runs of 32 inputs rounded, in plain PyTorch: q8 to 255 levels of its largest
-    magnitude, q4 to 16 levels from its least to its largest."""
+    magnitude, q4 to 16 levels from its least to its largest, scales and minimums in half precision."""
     out_features, in_features = weight.shape
     result = torch.empty_like(weight)
     for start in range(0, in_features, QK):
         run = weight[:, start : start + QK]
         if precision == "q8":
-            scale = run.abs().amax(dim=1, keepdim=True) / 127
+            scale = half(run.abs().amax(dim=1, keepdim=True) / 127)
             rounded = torch.where(scale > 0, torch.round(run / scale).clamp(-127, 127) * scale, 0)
         else:
-            least = run.amin(dim=1, keepdim=True)
-            scale = (run.amax(dim=1, keepdim=True) - least) / 15
+            least = half(run.amin(dim=1, keepdim=True))
+            scale = half((run.amax(dim=1, keepdim=True) - least) / 15)
             rounded = torch.where(scale > 0, torch.round((run - least) / scale).clamp(0, 15) * scale, 0) + least
         result[:, start : start + QK] = rounded
+    return result
+
+
+def reference_input(x: torch.Tensor) -> torch.Tensor:
+    """Each row's runs of 32 inputs as the integer products take them: 255 levels of its largest magnitude."""
+    result = torch.empty_like(x)
+    for start in range(0, x.size(-1), QK):
+        run = x[..., start : start + QK]
+        scale = run.abs().amax(dim=-1, keepdim=True) / 127
+        inverse = torch.where(scale > 0, 1 / scale, 0)
+        result[..., start : start + QK] = torch.round(run * inverse) * scale
     return result
 
 
@@ -53,7 +68,8 @@ def test_products_give_the_dequantized_weights_product_for_odd_sizes(kernels: ct
         for bias in (True, False):
             linear = torch.nn.Linear(in_features, out_features, bias=bias)
             x = torch.randn(rows, in_features)
-            expected = torch.nn.functional.linear(x, reference_weight(linear.weight.detach(), precision), linear.bias)
+            expected = torch.nn.functional.linear(reference_input(x), reference_weight(linear.weight.detach(), precision),
+                                                  linear.bias)
             with torch.inference_mode():
                 got = PackedLinear(linear, kernels, precision)(x)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
