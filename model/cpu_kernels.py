@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 PANEL = 16  # cpu_kernels.c's PANEL: outputs per panel
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
+ROWS_AT_ONCE = 4096  # outputs quantized together (a multiple of PANEL)
 QK = 32  # cpu_kernels.c's QK: inputs that share one scale an output in quantized weights
 VECTORS = ("ln1_w", "ln1_b", "attn_b", "attn_proj_b", "ln2_w", "ln2_b", "fc_b", "mlp_proj_b")
 MATRICES = ("attn", "attn_proj", "fc", "mlp_proj")
@@ -135,6 +137,23 @@ def _half(t: Tensor) -> Tensor:
 
 
 def pack_q8(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """_pack_q8 a slice of outputs at a time."""
+    return _by_slices(_pack_q8, weight)
+
+
+def pack_q4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """_pack_q4 a slice of outputs at a time."""
+    return _by_slices(_pack_q4, weight)
+
+
+def _by_slices(pack_rows: Callable[[Tensor], tuple[Tensor, ...]], weight: Tensor) -> tuple[Tensor, ...]:
+    """pack_rows over weight's outputs ROWS_AT_ONCE at a time, the panels joined: quantizing takes a few
+    float copies of what it quantizes, which for a whole embedding is hundreds of MB."""
+    parts = [pack_rows(weight[start : start + ROWS_AT_ONCE]) for start in range(0, weight.size(0), ROWS_AT_ONCE)]
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+
+def _pack_q8(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """weight (out, in) as int8 panels (ceil(out / PANEL), groups, QK / 4, PANEL, 4), groups = ceil(in / QK),
     with half scales and each run's sum of int8 weights (ceil(out / PANEL), groups, PANEL): each output's
     run of QK inputs scaled by its largest magnitude / 127, as GGUF's Q8_0 (a GGUF Q8_0 weight comes
@@ -148,7 +167,7 @@ def pack_q8(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return panels, _per_panel(scale.to(torch.float16)), _per_panel(sums)
 
 
-def pack_q4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _pack_q4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """weight (out, in) as four-bit panels (ceil(out / PANEL), groups, QK / 8, PANEL, 4), byte [t, o, i]
     holding input 8 t + i of output o low and 8 t + 4 + i high, with half scales and minimums
     (ceil(out / PANEL), groups, PANEL): each output's run of QK inputs as 16 levels from its least to
@@ -301,6 +320,15 @@ class RowStepBlock(nn.Module):
         return y.view(x.shape)
 
 
+def kernels_available() -> bool:
+    """Whether cpu_kernels.c is built or can be (use_packed_weights says why not where it cannot)."""
+    try:
+        library()
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
 def use_packed_weights(model: GPT, precision: str = "float32") -> bool:
     """Put PackedLinears in place of model's Linears (a float32 model on CPU; its weights in precision:
     float32, q8 or q4, where the LM head takes q8), a PackedEmbedding in place of an embedding tied to the LM head, and RowStepBlocks
@@ -314,7 +342,7 @@ def use_packed_weights(model: GPT, precision: str = "float32") -> bool:
         log.warning("the packed-weight kernels could not be built (%s); layers use their own code", detail.strip()[:500])
         return False
     tied = model.lm_head.weight is model.transformer.wte.weight
-    _pack_linears(model.transformer, lib, precision)
+    pack_linears(model.transformer, lib, precision)
     # in q4 the output layer keeps 8 bits, as llama.cpp's 4-bit files keep it in Q6_K or Q8_0
     model.lm_head = PackedLinear(model.lm_head, lib, "q8" if precision == "q4" else precision)
     if tied:
@@ -323,9 +351,10 @@ def use_packed_weights(model: GPT, precision: str = "float32") -> bool:
     return True
 
 
-def _pack_linears(module: nn.Module, lib: ctypes.CDLL, precision: str) -> None:
+def pack_linears(module: nn.Module, lib: ctypes.CDLL, precision: str) -> None:
+    """module's nn.Linears, at any depth, replaced by PackedLinears of precision (those already packed kept)."""
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(module, name, PackedLinear(child, lib, precision))
         else:
-            _pack_linears(child, lib, precision)
+            pack_linears(child, lib, precision)

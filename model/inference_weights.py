@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from model.cpu_kernels import use_packed_weights
-from model.gpt import GPT
+from model.cpu_kernels import PackedLinear, kernels_available, library, pack_linears, use_packed_weights
+from model.gpt import GPT, Block
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,20 @@ GGUF_PRECISIONS = {
     **dict.fromkeys(("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"), "q4"),
     **dict.fromkeys(("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"), "q8"),
 }
+
+
+def packing(setting: str) -> Callable[[Block, str], None]:
+    """model.checkpoint.load_model's on_block for an engine in precision setting: a block's Linears packed
+    as it loads, where the precision chosen for the file (choose_precision on CPU) is q8 or q4, so that the
+    model is never whole in float32; prepare completes such a model in place. Nothing where the C kernels
+    cannot be built (prepare then says so)."""
+
+    def pack(block: Block, stored_as: str) -> None:
+        precision = choose_precision(setting, stored_as, "cpu")
+        if precision in ("q8", "q4") and kernels_available():
+            pack_linears(block, library(), precision)
+
+    return pack
 
 
 def choose_precision(setting: str, stored_as: str, device: str) -> str:
@@ -117,6 +131,12 @@ def prepare(model: GPT, precision: str) -> GPT:
             return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=False)
     if precision == "bfloat16":
         return copy.deepcopy(model).to(torch.bfloat16)
+    packed = {m.precision for m in model.transformer.h.modules() if isinstance(m, PackedLinear)}
+    if packed:  # loaded through packing(): complete it in place, its float weights are not wanted
+        if packed != {precision}:
+            raise ValueError(f"the model was loaded with {'/'.join(sorted(packed))} weights, not {precision}")
+        use_packed_weights(model, precision)
+        return model
     # a new module tree over the same tensors: only packed (or input-major) weights take new memory
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     model = copy.deepcopy(model, memo=shared)
