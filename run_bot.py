@@ -149,12 +149,15 @@ async def load_local_model(settings: Settings) -> LoadedModel:
     """The model model_location gives, on BOT_DEVICE, loaded on one torch thread (see leave_threads_to_the_engine)."""
     from model.checkpoint import CheckpointError, load_model
     from model.engine import leave_threads_to_the_engine
+    from model.gpt import GPT
+    from model.inference_weights import packing
 
     path = await model_location(settings)
 
     def load() -> LoadedModel:
         leave_threads_to_the_engine()
-        return load_model(path, settings.device, max_context=settings.max_context)
+        return load_model(path, settings.device, max_context=settings.max_context,
+                          on_block=packing(settings.precision))
 
     leave_threads_to_the_engine()  # this thread prepares the engine's weights
     try:
@@ -162,7 +165,7 @@ async def load_local_model(settings: Settings) -> LoadedModel:
     except CheckpointError as exc:
         raise UserError(f"cannot load the model {path} (BOT_MODEL_PATH): {exc}") from exc
     log.info("model %s loaded from %s (%s parameters, %d-token context)", loaded.name, path,
-             f"{loaded.model.num_params():,}", loaded.config.block_size)
+             f"{GPT.params_of(loaded.config):,}", loaded.config.block_size)
     return loaded
 
 

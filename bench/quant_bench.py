@@ -135,9 +135,10 @@ def run_ours(job: dict[str, Any]) -> dict[str, Any]:
     from bench.engine_bench import bytes_per_token, concurrent, copy_bandwidth, greedy, in_thread, timed
     from model.checkpoint import load_model
     from model.engine import InferenceEngine, leave_threads_to_the_engine
+    from model.inference_weights import packing
 
     leave_threads_to_the_engine()  # the engine's worker has the threads: see its docstring
-    loaded = load_model(Path(job["file"]), "cpu", max_context=job["context"])
+    loaded = load_model(Path(job["file"]), "cpu", max_context=job["context"], on_block=packing(job["weights"]))
     try:
         engine = InferenceEngine(loaded, torch_threads=job["threads"], max_batch=CONCURRENT, precision=job["weights"])
     except ValueError as exc:  # a precision this engine does not have

@@ -11,6 +11,7 @@ LlamaForCausalLM and Qwen2ForCausalLM folders (SmolLM2, TinyLlama, Qwen2.5, Llam
 
 import json
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model.config import GPTConfig
-from model.gpt import GPT
-from model.llama_weights import UnsupportedModel, is_llama_family, llama_config, llama_state
+from model.gpt import GPT, Block
+from model.llama_weights import UnsupportedModel, is_llama_family, llama_config, llama_parts
 from model.tokenizer import GPT2_EOS, SPECIAL_TOKENS, ChatTokenizer
 
 FORMAT = "gptbot"
@@ -47,6 +48,7 @@ SUPPORTED = (
     "our checkpoint folders, GPT-2-family folders (GPT2LMHeadModel), LlamaForCausalLM and "
     "Qwen2ForCausalLM folders (safetensors), and .gguf files of the llama and qwen2 architectures"
 )
+OnBlock = Callable[[Block, str], None]  # (a block whose weights are in, what the file stores them as)
 PROGRESS_BYTES = 50 * 2**20  # loading more weights than this shows a progress bar
 
 
@@ -78,27 +80,32 @@ def save_checkpoint(
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_model(path: Path, device: str = "cpu", max_context: int | None = None) -> LoadedModel:
+def load_model(path: Path, device: str = "cpu", max_context: int | None = None,
+               on_block: OnBlock | None = None) -> LoadedModel:
     """Load a model in eval mode: our format, a GPT-2 or Llama-family HF folder, or a .gguf file.
 
     max_context caps the window of models that allow more positions (rotary models only:
-    learned positions are part of the weights).
+    learned positions are part of the weights). on_block is called with each Block as soon as its
+    weights are in, and what the file stores them as (LoadedModel.stored_as): the inference engine
+    packs them there (model.inference_weights.packing), so that a GGUF file's blocks are never all
+    in float32 at once.
     """
     path = Path(path)
     if path.suffix == GGUF_SUFFIX or path.is_file():
-        return _load_gguf(path, device, max_context)
+        return _load_gguf(path, device, max_context, on_block)
     raw = _read_config(path)
     tokenizer, config = _read_tokenizer_and_config(path, raw, max_context)
+    parts: Iterable[dict[str, Tensor]]
     if _is_ours(raw):
-        state = _read_safetensors([path / WEIGHTS_FILE])
+        parts = [_read_safetensors([path / WEIGHTS_FILE])]
         name = str(raw.get("meta", {}).get("name") or path.resolve().name)
     elif is_llama_family(raw):
-        state = llama_state(_read_hf_weights(path), config)
+        parts = llama_parts(_read_hf_weights(path), config)
         name = str(raw.get("_name_or_path") or path.resolve().name)
     else:
-        state = _read_hf_gpt2_state(path)
+        parts = [_read_hf_gpt2_state(path)]
         name = str(raw.get("_name_or_path") or path.resolve().name)
-    model = _build_model(config, state, path)
+    model = _build_model(config, parts, path, on_block if device == "cpu" else None)
     return LoadedModel(model=model.to(device).eval(), tokenizer=tokenizer, name=name, config=config)
 
 
@@ -119,17 +126,18 @@ def load_tokenizer(path: Path, max_context: int | None = None) -> tuple[ChatToke
     return _read_tokenizer_and_config(path, _read_config(path), max_context)
 
 
-def _load_gguf(path: Path, device: str, max_context: int | None) -> LoadedModel:
+def _load_gguf(path: Path, device: str, max_context: int | None, on_block: OnBlock | None) -> LoadedModel:
     from model.gguf_file import GGUFError, read_gguf
 
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist")
     try:
         gguf, hf_state = read_gguf(path, progress=True)
+        config = _gguf_config(gguf, max_context)
+        model = _build_model(config, llama_parts(hf_state, config), path, on_block if device == "cpu" else None,
+                             gguf.weight_type)
     except GGUFError as e:
         raise CheckpointError(str(e)) from e
-    config = _gguf_config(gguf, max_context)
-    model = _build_model(config, llama_state(hf_state, config), path)
     return LoadedModel(model=model.to(device).eval(), tokenizer=_gguf_tokenizer(gguf), name=gguf.name, config=config,
                        stored_as=gguf.weight_type)
 
@@ -353,33 +361,48 @@ def _read_safetensors(paths: list[Path]) -> dict[str, Tensor]:
     return state
 
 
-def _build_model(config: GPTConfig, state: dict[str, Tensor], directory: Path) -> GPT:
-    """A GPT with state (tied head not included) loaded, after checking names and shapes."""
-    with torch.device("meta"):  # shapes only
-        expected_model = GPT(config)
+def _build_model(config: GPTConfig, parts: Iterable[dict[str, Tensor]], directory: Path,
+                 on_block: OnBlock | None = None, stored_as: str = "float32") -> GPT:
+    """A GPT with the tensors of parts (a whole state dict, or a block's at a time; tied head not included)
+    loaded, after checking names and shapes. on_block gets each block once its weights are in."""
+    with torch.device("meta"):  # shapes only, until each tensor is assigned
+        model = GPT(config)
     tied = config.tie_embeddings
-    expected = {k: tuple(v.shape) for k, v in expected_model.state_dict().items() if k != TIED_HEAD or not tied}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [
-        f"{k}: expected {list(expected[k])}, got {list(got[k])}"
-        for k in sorted(set(expected) & set(got))
-        if expected[k] != got[k]
-    ]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != TIED_HEAD or not tied}
+    waiting = {i: {k for k in expected if k.startswith(f"transformer.h.{i}.")} for i in range(config.n_layer)}
+    got: set[str] = set()
+    unexpected: list[str] = []
+    wrong: dict[str, str] = {}
+    for part in parts:
+        fits = {}
+        for name, tensor in part.items():
+            if name not in expected:
+                unexpected.append(name)
+            elif tuple(tensor.shape) != expected[name]:
+                wrong[name] = f"{name}: expected {list(expected[name])}, got {list(tensor.shape)}"
+            else:
+                fits[name] = tensor.float()  # float32, as trained and as the engine runs on CPU
+        model.load_state_dict(fits, strict=False, assign=True)
+        got.update(fits)
+        del fits, part
+        for i in [i for i, names in waiting.items() if names <= got]:
+            del waiting[i]
+            if on_block is not None:
+                on_block(model.transformer.h[i], stored_as)
     problems = []
+    missing = sorted(set(expected) - got - set(wrong))
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
     if wrong:
-        problems.append(f"shape mismatch: {'; '.join(wrong)}")
+        problems.append(f"shape mismatch: {'; '.join(wrong[k] for k in sorted(wrong))}")
     if problems:
         raise CheckpointError(
             f"checkpoint {directory} does not fit its config: " + " | ".join(problems)
         )
-    state = {k: v.float() for k, v in state.items()}  # float32, as trained and as the engine runs on CPU
-    return GPT.from_state(config, {**state, TIED_HEAD: state["transformer.wte.weight"]} if tied else state)
+    model.loaded()
+    return model
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -11,14 +11,19 @@
  * with AVX2, 32 zmm with AVX-512). A lone row (a lone stream's step) takes LONE_PANELS panels at
  * a time: as many independent sums as keep up with memory.
  *
- * Weights may also stay int8 in memory (precision "q8"): the same panels hold int8 weights, and
- * each run of QK = 32 inputs of a panel has sixteen float scales, one an output (as GGUF's Q8_0,
- * a scale per 32 weights of an output). A tile loads sixteen int8 weights, widens them to floats
- * and multiplies them by their scales in registers, then goes on as with float weights: a
- * quarter of the bytes to read, for a few more instructions a weight vector. Precision "q4" keeps
- * four bits a weight (as GGUF's Q4_1: a scale d and a minimum m per 32 inputs of an output, a
- * weight is m + d q, q in 0..15): an input's sixteen weights of a panel are eight bytes, byte i
- * holding lane i in its low four bits and lane i + 8 in its high four.
+ * Weights may also stay quantized in memory, in runs of QK = 32 inputs of an output, each run with a
+ * half-precision scale d: precision "q8" keeps a weight as d q with q an int8 (GGUF's Q8_0), "q4" as
+ * m + d q with q in 0..15 and a half-precision minimum m per run (GGUF's Q4_1). Their products are
+ * integer products, as llama.cpp's: each row of x is quantized per run of 32 inputs to int8 (a
+ * float scale dx per run, dx = largest magnitude / 127), and a run's 32 weights times its 32
+ * inputs is an int32 sum of products of bytes, which VNNI's vpdpbusd adds up four at a time, 64
+ * products an instruction (without VNNI: vpmaddubsw and vpmaddwd, 32 or 64 products in three);
+ * per run that sum is scaled by d dx, in float. Widening each weight to a float instead cost about
+ * eight instructions per sixteen weights, which held a lone stream to 35-49 % of the memory
+ * bandwidth (measured). The int8 weights of a panel are (groups, QK / 4, PANEL, 4): for four
+ * inputs, each output's four weights side by side, as vpdpbusd takes them; four-bit ones are
+ * (groups, QK / 8, PANEL * 4) bytes, byte 4 o + i of run t holding input 8 t + i of output o
+ * in its low four bits and input 8 t + 4 + i in its high four.
  *
  * Row by row, as the weights' (n_out, n_in) layout asks, each output is a dot product whose
  * vector of sums ends in a horizontal sum, and a batch's rows each load every weight again;
@@ -36,24 +41,42 @@
 enum { PANEL = 16 };
 #ifdef __AVX512F__
 enum { TILE_ROWS = 8, TILE_PANELS = 2, FEW_PANELS = 4, LANES = 16 };
+enum { QTILE_ROWS = 4, QTILE_PANELS = 2, QLONE_PANELS = 4 };
 #else
 enum { TILE_ROWS = 6, TILE_PANELS = 1, FEW_PANELS = 2, LANES = 8 };
+enum { QTILE_ROWS = 2, QTILE_PANELS = 1, QLONE_PANELS = 2 };
 #endif
 enum { LONE_PANELS = 4, MOST_PANELS = 4, PER_PANEL = PANEL / LANES };
+enum { QK = 32, QSTEPS = QK / 4 }; /* inputs that share one scale an output; the products' steps of four inputs */
 typedef float vec __attribute__((vector_size(LANES * 4)));
-typedef int8_t bytes __attribute__((vector_size(LANES))); /* LANES int8 weights, widened to a vec */
-enum { QK = 32 }; /* inputs that share one scale an output */
+typedef int32_t ivec __attribute__((vector_size(LANES * 4))); /* LANES sums, or LANES runs of four bytes */
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define Q8_OFFSET 1 /* q8 products take x + 128 unsigned (vpdpbusd multiplies unsigned by signed bytes) */
+#else
+#define Q8_OFFSET 0 /* q8 products take |x| and the weights with x's signs (vpmaddubsw's int16 sums cannot overflow) */
+#endif
 
-/* A Linear's packed weight: float panels f; or int8 panels q (panels, groups, QK, PANEL) with their
- * scales s (panels, groups, PANEL); or four-bit panels q4 (panels, groups, QK, PANEL / 2) with
- * scales s and minimums m (panels, groups, PANEL). groups = ceil(n_in / QK), the last one padded. */
+/* A Linear's packed weight: float panels f; or int8 panels q (panels, groups, QK / 4, PANEL, 4) with half
+ * scales s and each run's sum of weights sums (panels, groups, PANEL); or four-bit panels q4 (panels,
+ * groups, QK / 8, PANEL * 4) with half scales s and minimums m (panels, groups, PANEL). groups = ceil(n_in
+ * / QK), the last one padded with zero weights (q8) or zero levels (q4: m, times the zero inputs past n_in). */
 typedef struct {
     const float *f;
     const int8_t *q;
-    const float *s;
     const uint8_t *q4;
-    const float *m;
+    const uint16_t *s;
+    const uint16_t *m;
+    const int16_t *sums;
 } Mat;
+
+/* Rows of x quantized for the integer products: q (rows, groups * QK) int8, zero past n_in; per row and
+ * run its scale d (rows, groups) and the sum of its q (rows, groups). */
+typedef struct {
+    int8_t *q;
+    float *d;
+    int32_t *sum;
+    int64_t groups;
+} Act;
 
 static inline vec load(const float *p) {
     vec v;
@@ -61,49 +84,99 @@ static inline vec load(const float *p) {
     return v;
 }
 
-/* LANES int8 weights at p as floats: sign-extend, convert (gcc's generic conversion of a byte
- * vector goes element by element, so x86 takes the two instructions by name) */
-static inline vec widen(const int8_t *p) {
-#if defined(__AVX512F__)
-    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#elif defined(__AVX2__)
-    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-#else
-    bytes b;
-    memcpy(&b, p, sizeof b);
-    return __builtin_convertvector(b, vec);
-#endif
+static inline ivec loadi(const void *p) {
+    ivec v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* The four-bit weights of one input of a panel at p (eight bytes) as floats: all sixteen lanes
- * with AVX-512; lanes 0-7 (part 0) or 8-15 (part 1) with eight lanes a vector. */
-static inline vec widen4(const uint8_t *p, int part) {
+static inline ivec splati(int32_t s) { return (ivec){0} + s; }
+
+static inline vec splat(float s) { return (vec){0} + s; } /* one broadcast instruction */
+
+/* LANES half-precision floats (IEEE binary16) at p as floats */
+static inline vec halves(const uint16_t *p) {
 #if defined(__AVX512F__)
-    (void)part;
-    const __m128i b = _mm_loadl_epi64((const __m128i *)p), low = _mm_set1_epi8(0x0F);
-    const __m128i q = _mm_unpacklo_epi64(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
-    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
-#elif defined(__AVX2__)
-    const __m128i b = _mm_loadl_epi64((const __m128i *)p), low = _mm_set1_epi8(0x0F);
-    const __m128i q = part ? _mm_and_si128(_mm_srli_epi16(b, 4), low) : _mm_and_si128(b, low);
-    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+    return (vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__) && defined(__AVX2__)
+    return (vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 #else
     vec v;
     for (int i = 0; i < LANES; i++) {
-        const int lane = part * LANES + i;
-        v[i] = (float)(lane < PANEL / 2 ? p[lane] & 0x0F : p[lane - PANEL / 2] >> 4);
+        const int exp = (p[i] >> 10) & 31, man = p[i] & 1023;
+        const float f = exp == 0 ? ldexpf((float)man, -24) : exp == 31 ? (man ? NAN : INFINITY)
+                                                                         : ldexpf((float)(man | 1024), exp - 25);
+        v[i] = p[i] >> 15 ? -f : f;
     }
     return v;
 #endif
 }
 
-static inline vec splat(float s) { /* a constructor of equal elements: one broadcast instruction */
-#ifdef __AVX512F__
-    return (vec){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+/* LANES int16 at p as int32 lanes */
+static inline ivec widen16(const int16_t *p) {
+#if defined(__AVX512F__)
+    return (ivec)_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__AVX2__)
+    return (ivec)_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)p));
 #else
-    return (vec){s, s, s, s, s, s, s, s};
+    ivec v;
+    for (int i = 0; i < LANES; i++) v[i] = p[i];
+    return v;
 #endif
 }
+
+/* acc plus, in each lane, the sum of its four unsigned bytes of u times the four signed bytes of s (no
+ * pair of products may exceed the int16 range without VNNI). */
+static inline ivec dot4(ivec acc, ivec u, ivec s) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    return (ivec)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)u, (__m512i)s);
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
+    return acc + (ivec)_mm512_madd_epi16(_mm512_maddubs_epi16((__m512i)u, (__m512i)s), _mm512_set1_epi16(1));
+#elif !defined(__AVX512F__) && defined(__AVXVNNI__)
+    return (ivec)_mm256_dpbusd_avx_epi32((__m256i)acc, (__m256i)u, (__m256i)s);
+#elif !defined(__AVX512F__) && defined(__AVX2__)
+    return acc + (ivec)_mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)u, (__m256i)s), _mm256_set1_epi16(1));
+#else
+    uint8_t ub[sizeof(ivec)];
+    int8_t sb[sizeof(ivec)];
+    memcpy(ub, &u, sizeof ub);
+    memcpy(sb, &s, sizeof sb);
+    for (int l = 0; l < LANES; l++)
+        for (int i = 0; i < 4; i++) acc[l] += ub[4 * l + i] * sb[4 * l + i];
+    return acc;
+#endif
+}
+
+#if !Q8_OFFSET
+/* x's bytes' magnitudes, and w's bytes negated where x's are negative: |x| w' = x w, a product of an
+ * unsigned byte and a signed one. */
+static inline ivec magnitudes(ivec x) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    return (ivec)_mm512_abs_epi8((__m512i)x);
+#elif !defined(__AVX512F__) && defined(__AVX2__)
+    return (ivec)_mm256_abs_epi8((__m256i)x);
+#else
+    int8_t b[sizeof(ivec)];
+    memcpy(b, &x, sizeof b);
+    for (size_t i = 0; i < sizeof b; i++) b[i] = (int8_t)(b[i] < 0 ? -b[i] : b[i]);
+    return loadi(b);
+#endif
+}
+
+static inline ivec signed_as(ivec w, ivec x) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    return (ivec)_mm512_mask_sub_epi8((__m512i)w, _mm512_movepi8_mask((__m512i)x), _mm512_setzero_si512(), (__m512i)w);
+#elif !defined(__AVX512F__) && defined(__AVX2__)
+    return (ivec)_mm256_sign_epi8((__m256i)w, (__m256i)x);
+#else
+    int8_t wb[sizeof(ivec)], xb[sizeof(ivec)];
+    memcpy(wb, &w, sizeof wb);
+    memcpy(xb, &x, sizeof xb);
+    for (size_t i = 0; i < sizeof wb; i++) wb[i] = (int8_t)(xb[i] < 0 ? -wb[i] : wb[i]);
+    return loadi(wb);
+#endif
+}
+#endif
 
 /* a . b over n floats: attention's scores */
 static float dot(const float *a, const float *b, int64_t n) {
@@ -173,127 +246,198 @@ static void put(float *y, const float *value, const float *b, int64_t n, int how
         for (int r = 0; r < MR; r++)                                                                    \
             for (int j = 0; j < V; j++) memcpy(out[r] + j * LANES, &acc[r][j], sizeof acc[r][j]);       \
     }
-/* Every tile packed_rows takes: TILE_ROWS rows or fewer, by TILE_PANELS panels or one (the last
- * of an odd count); two or three rows by FEW_PANELS; one row by LONE_PANELS. */
-/* As TILE, over int8 panels q with their scales sc (see Mat): each group's weight vectors are widened
- * and scaled once, then used for every row of the tile. */
-#define QTILE(MR, NP)                                                                                   \
-    static void qtile_##MR##_##NP(const float *x, int64_t ldx, const int8_t *q, const float *sc,        \
-                                  int64_t n_in, float out[][MOST_PANELS * PANEL]) {                     \
+/* As TILE over int8 panels from panel `first` of w, for a's rows row..row+MR-1: each run's int32 sums
+ * (with VNNI from -128 times the run's weights' sum, for x + 128) scaled by d dx into float sums. */
+#define Q8TILE(MR, NP)                                                                                  \
+    static void q8tile_##MR##_##NP(const Act *a, int64_t row, const Mat *w, int64_t first,              \
+                                   float out[][MOST_PANELS * PANEL]) {                                  \
         enum { V = NP * PER_PANEL };                                                                    \
-        const int64_t groups = (n_in + QK - 1) / QK;                                                    \
+        const int64_t groups = a->groups;                                                               \
         vec acc[MR][V];                                                                                 \
         for (int r = 0; r < MR; r++)                                                                    \
             for (int j = 0; j < V; j++) acc[r][j] = splat(0.0f);                                        \
         for (int64_t g = 0; g < groups; g++) {                                                          \
             vec scale[V];                                                                               \
-            for (int j = 0; j < V; j++)                                                                 \
-                scale[j] = load(sc + (j / PER_PANEL * groups + g) * PANEL + j % PER_PANEL * LANES);     \
-            const int64_t k0 = g * QK, kn = n_in - k0 < QK ? n_in - k0 : QK;                            \
-            for (int64_t k = 0; k < kn; k++) {                                                          \
-                vec w[V];                                                                               \
+            ivec sums[MR][V];                                                                           \
+            for (int j = 0; j < V; j++) {                                                               \
+                const int64_t at = ((first + j / PER_PANEL) * groups + g) * PANEL + j % PER_PANEL * LANES; \
+                scale[j] = halves(w->s + at);                                                           \
+                const ivec start = Q8_OFFSET ? widen16(w->sums + at) * -128 : splati(0);                \
+                for (int r = 0; r < MR; r++) sums[r][j] = start;                                        \
+            }                                                                                           \
+            for (int s = 0; s < QSTEPS; s++) {                                                          \
+                ivec wv[V];                                                                             \
                 for (int j = 0; j < V; j++)                                                             \
-                    w[j] = widen(q + ((j / PER_PANEL * groups + g) * QK + k) * PANEL                    \
-                                 + j % PER_PANEL * LANES) * scale[j];                                   \
+                    wv[j] = loadi(w->q + (((first + j / PER_PANEL) * groups + g) * QSTEPS + s) * PANEL * 4 \
+                                  + j % PER_PANEL * LANES * 4);                                         \
                 for (int r = 0; r < MR; r++) {                                                          \
-                    const vec xb = splat(x[r * ldx + k0 + k]);                                          \
-                    for (int j = 0; j < V; j++) acc[r][j] += xb * w[j];                                 \
+                    int32_t four;                                                                       \
+                    memcpy(&four, a->q + ((row + r) * groups + g) * QK + 4 * s, 4);                     \
+                    if (Q8_OFFSET) {                                                                    \
+                        const ivec xu = splati(four ^ (int32_t)0x80808080);                             \
+                        for (int j = 0; j < V; j++) sums[r][j] = dot4(sums[r][j], xu, wv[j]);           \
+                    } else {                                                                            \
+                        Q8_SIGNED_STEP                                                                  \
+                    }                                                                                   \
                 }                                                                                       \
+            }                                                                                           \
+            for (int r = 0; r < MR; r++) {                                                              \
+                const float dx = a->d[(row + r) * groups + g];                                          \
+                for (int j = 0; j < V; j++)                                                             \
+                    acc[r][j] += __builtin_convertvector(sums[r][j], vec) * (scale[j] * dx);            \
             }                                                                                           \
         }                                                                                               \
         for (int r = 0; r < MR; r++)                                                                    \
             for (int j = 0; j < V; j++) memcpy(out[r] + j * LANES, &acc[r][j], sizeof acc[r][j]);       \
     }
-/* As QTILE, over four-bit panels q4 with their scales sc and minimums mn. */
+#if Q8_OFFSET
+#define Q8_SIGNED_STEP
+#else
+#define Q8_SIGNED_STEP                                                                                  \
+    const ivec xb = splati(four), xm = magnitudes(xb);                                                  \
+    for (int j = 0; j < V; j++) sums[r][j] = dot4(sums[r][j], xm, signed_as(wv[j], xb));
+#endif
+/* As Q8TILE over four-bit panels: a run's sum of levels times inputs scaled by d dx, plus m dx times
+ * the sum of the run's quantized inputs. */
 #define Q4TILE(MR, NP)                                                                                  \
-    static void q4tile_##MR##_##NP(const float *x, int64_t ldx, const uint8_t *q4, const float *sc,     \
-                                   const float *mn, int64_t n_in, float out[][MOST_PANELS * PANEL]) {   \
+    static void q4tile_##MR##_##NP(const Act *a, int64_t row, const Mat *w, int64_t first,              \
+                                   float out[][MOST_PANELS * PANEL]) {                                  \
         enum { V = NP * PER_PANEL };                                                                    \
-        const int64_t groups = (n_in + QK - 1) / QK;                                                    \
+        const int64_t groups = a->groups;                                                               \
+        const ivec low = splati(0x0F0F0F0F);                                                            \
         vec acc[MR][V];                                                                                 \
         for (int r = 0; r < MR; r++)                                                                    \
             for (int j = 0; j < V; j++) acc[r][j] = splat(0.0f);                                        \
         for (int64_t g = 0; g < groups; g++) {                                                          \
+            ivec sums[MR][V];                                                                           \
+            for (int r = 0; r < MR; r++)                                                                \
+                for (int j = 0; j < V; j++) sums[r][j] = splati(0);                                     \
+            for (int t = 0; t < QSTEPS / 2; t++) {                                                      \
+                ivec lo[V], hi[V];                                                                      \
+                for (int j = 0; j < V; j++) {                                                           \
+                    const ivec b = loadi(w->q4 + (((first + j / PER_PANEL) * groups + g) * (QSTEPS / 2) + t) \
+                                         * PANEL * 4 + j % PER_PANEL * LANES * 4);                      \
+                    lo[j] = b & low;                                                                    \
+                    hi[j] = (b >> 4) & low;                                                             \
+                }                                                                                       \
+                for (int r = 0; r < MR; r++) {                                                          \
+                    int32_t eight[2];                                                                   \
+                    memcpy(eight, a->q + ((row + r) * groups + g) * QK + 8 * t, 8);                     \
+                    const ivec x0 = splati(eight[0]), x1 = splati(eight[1]);                            \
+                    for (int j = 0; j < V; j++) sums[r][j] = dot4(dot4(sums[r][j], lo[j], x0), hi[j], x1); \
+                }                                                                                       \
+            }                                                                                           \
             vec scale[V], least[V];                                                                     \
             for (int j = 0; j < V; j++) {                                                               \
-                const int64_t at = (j / PER_PANEL * groups + g) * PANEL + j % PER_PANEL * LANES;        \
-                scale[j] = load(sc + at);                                                               \
-                least[j] = load(mn + at);                                                               \
+                const int64_t at = ((first + j / PER_PANEL) * groups + g) * PANEL + j % PER_PANEL * LANES; \
+                scale[j] = halves(w->s + at);                                                           \
+                least[j] = halves(w->m + at);                                                           \
             }                                                                                           \
-            const int64_t k0 = g * QK, kn = n_in - k0 < QK ? n_in - k0 : QK;                            \
-            for (int64_t k = 0; k < kn; k++) {                                                          \
-                vec w[V];                                                                               \
+            for (int r = 0; r < MR; r++) {                                                              \
+                const float dx = a->d[(row + r) * groups + g], mx = dx * (float)a->sum[(row + r) * groups + g]; \
                 for (int j = 0; j < V; j++)                                                             \
-                    w[j] = widen4(q4 + ((j / PER_PANEL * groups + g) * QK + k) * (PANEL / 2), j % PER_PANEL) \
-                           * scale[j] + least[j];                                                       \
-                for (int r = 0; r < MR; r++) {                                                          \
-                    const vec xb = splat(x[r * ldx + k0 + k]);                                          \
-                    for (int j = 0; j < V; j++) acc[r][j] += xb * w[j];                                 \
-                }                                                                                       \
+                    acc[r][j] += __builtin_convertvector(sums[r][j], vec) * (scale[j] * dx) + least[j] * mx; \
             }                                                                                           \
         }                                                                                               \
         for (int r = 0; r < MR; r++)                                                                    \
             for (int j = 0; j < V; j++) memcpy(out[r] + j * LANES, &acc[r][j], sizeof acc[r][j]);       \
     }
-#define TILES(MR, NP) TILE(MR, NP) QTILE(MR, NP) Q4TILE(MR, NP)
-TILES(1, 1) TILES(2, 1) TILES(3, 1) TILES(4, 1) TILES(5, 1) TILES(6, 1) TILES(1, 4) TILES(2, 2) TILES(3, 2)
+/* Every tile packed_rows takes: float tiles of TILE_ROWS rows or fewer, by TILE_PANELS panels or one
+ * (the last of an odd count), two or three rows by FEW_PANELS, one row by LONE_PANELS; quantized tiles
+ * of QTILE_ROWS rows or fewer, by QTILE_PANELS panels or one, one row by QLONE_PANELS. */
+TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(1, 4) TILE(2, 2) TILE(3, 2)
+#define QTILES(MR, NP) Q8TILE(MR, NP) Q4TILE(MR, NP)
+QTILES(1, 1) QTILES(2, 1)
 #ifdef __AVX512F__
-TILES(7, 1) TILES(8, 1)
-TILES(1, 2) TILES(4, 2) TILES(5, 2) TILES(6, 2) TILES(7, 2) TILES(8, 2) TILES(2, 4) TILES(3, 4)
+TILE(7, 1) TILE(8, 1)
+TILE(1, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2) TILE(7, 2) TILE(8, 2) TILE(2, 4) TILE(3, 4)
+QTILES(3, 1) QTILES(4, 1) QTILES(1, 2) QTILES(2, 2) QTILES(3, 2) QTILES(4, 2) QTILES(1, 4)
+#else
+QTILES(1, 2)
 #endif
 
 typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float[][MOST_PANELS * PANEL]);
-typedef void (*qtile_fn)(const float *, int64_t, const int8_t *, const float *, int64_t,
-                         float[][MOST_PANELS * PANEL]);
-typedef void (*q4tile_fn)(const float *, int64_t, const uint8_t *, const float *, const float *, int64_t,
-                          float[][MOST_PANELS * PANEL]);
+typedef void (*qtile_fn)(const Act *, int64_t, const Mat *, int64_t, float[][MOST_PANELS * PANEL]);
 
 #ifdef __AVX512F__
-#define TILE_TABLES(P)                                                                                  \
-    static const P##tile_fn one[] = {P##tile_1_1, P##tile_2_1, P##tile_3_1, P##tile_4_1,              \
-                                     P##tile_5_1, P##tile_6_1, P##tile_7_1, P##tile_8_1};              \
-    static const P##tile_fn two[] = {P##tile_1_2, P##tile_2_2, P##tile_3_2, P##tile_4_2,              \
-                                     P##tile_5_2, P##tile_6_2, P##tile_7_2, P##tile_8_2};              \
-    static const P##tile_fn four[] = {P##tile_1_4, P##tile_2_4, P##tile_3_4};                         \
+static tile_fn tile_for(int mr, int np) {
+    static const tile_fn one[] = {tile_1_1, tile_2_1, tile_3_1, tile_4_1, tile_5_1, tile_6_1, tile_7_1, tile_8_1};
+    static const tile_fn two[] = {tile_1_2, tile_2_2, tile_3_2, tile_4_2, tile_5_2, tile_6_2, tile_7_2, tile_8_2};
+    static const tile_fn four[] = {tile_1_4, tile_2_4, tile_3_4};
     return np == 1 ? one[mr - 1] : np == 2 ? two[mr - 1] : four[mr - 1];
-#else
-#define TILE_TABLES(P)                                                                                  \
-    static const P##tile_fn one[] = {P##tile_1_1, P##tile_2_1, P##tile_3_1,                            \
-                                     P##tile_4_1, P##tile_5_1, P##tile_6_1};                           \
-    static const P##tile_fn two[] = {NULL, P##tile_2_2, P##tile_3_2};                                 \
+}
+#define QTILE_TABLE(P)                                                                                  \
+    static const qtile_fn one[] = {P##tile_1_1, P##tile_2_1, P##tile_3_1, P##tile_4_1};                \
+    static const qtile_fn two[] = {P##tile_1_2, P##tile_2_2, P##tile_3_2, P##tile_4_2};                \
     return np == 1 ? one[mr - 1] : np == 2 ? two[mr - 1] : P##tile_1_4;
+#else
+static tile_fn tile_for(int mr, int np) {
+    static const tile_fn one[] = {tile_1_1, tile_2_1, tile_3_1, tile_4_1, tile_5_1, tile_6_1};
+    static const tile_fn two[] = {NULL, tile_2_2, tile_3_2};
+    return np == 1 ? one[mr - 1] : np == 2 ? two[mr - 1] : tile_1_4;
+}
+#define QTILE_TABLE(P)                                                                                  \
+    static const qtile_fn one[] = {P##tile_1_1, P##tile_2_1};                                          \
+    return np == 1 ? one[mr - 1] : P##tile_1_2;
 #endif
+static qtile_fn q8tile_for(int mr, int np) { QTILE_TABLE(q8) }
+static qtile_fn q4tile_for(int mr, int np) { QTILE_TABLE(q4) }
 
-static tile_fn tile_for(int mr, int np) { TILE_TABLES() }
-static qtile_fn qtile_for(int mr, int np) { TILE_TABLES(q) }
-static q4tile_fn q4tile_for(int mr, int np) { TILE_TABLES(q4) }
+static int quantized(const Mat *w) { return w->q != NULL || w->q4 != NULL; }
 
-/* One tile of mr rows by np panels from panel `first` of w (n_in inputs) into out. */
-static void tile(const Mat *w, int64_t first, int mr, int np, const float *x, int64_t ldx, int64_t n_in,
-                 float out[][MOST_PANELS * PANEL]) {
-    const int64_t groups = (n_in + QK - 1) / QK;
-    if (w->q4) {
-        q4tile_for(mr, np)(x, ldx, w->q4 + first * groups * QK * (PANEL / 2), w->s + first * groups * PANEL,
-                           w->m + first * groups * PANEL, n_in, out);
-    } else if (w->q) {
-        qtile_for(mr, np)(x, ldx, w->q + first * groups * QK * PANEL, w->s + first * groups * PANEL, n_in, out);
-    } else {
-        tile_for(mr, np)(x, ldx, w->f + first * n_in * PANEL, n_in, out);
+/* x's m rows (ldx apart, n_in each) into a for the integer products: a worksharing loop, as packed_rows. */
+static void quantize_rows(const float *x, int64_t m, int64_t ldx, int64_t n_in, const Act *a) {
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t g = 0; g < a->groups; g++) {
+            const int64_t k0 = g * QK, kn = n_in - k0 < QK ? n_in - k0 : QK;
+            const float *xs = x + r * ldx + k0;
+            float top = 0.0f;
+            for (int64_t k = 0; k < kn; k++) top = fabsf(xs[k]) > top ? fabsf(xs[k]) : top;
+            const float d = top / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            int8_t *q = a->q + (r * a->groups + g) * QK;
+            int32_t sum = 0;
+            for (int64_t k = 0; k < QK; k++) {
+                q[k] = (int8_t)(k < kn ? nearbyintf(xs[k] * inv) : 0.0f); /* to nearest, ties to even */
+                sum += q[k];
+            }
+            a->d[r * a->groups + g] = d;
+            a->sum[r * a->groups + g] = sum;
+        }
     }
 }
 
 /* Panels per tile for m rows: enough independent sums to keep the multipliers busy. */
-static int tile_panels(int64_t m) { return m == 1 ? LONE_PANELS : m <= 3 ? FEW_PANELS : TILE_PANELS; }
+static int tile_panels(const Mat *w, int64_t m) {
+    if (quantized(w)) return m == 1 ? QLONE_PANELS : QTILE_PANELS;
+    return m == 1 ? LONE_PANELS : m <= 3 ? FEW_PANELS : TILE_PANELS;
+}
+
+/* One tile of mr rows (x's from row, ldx apart; or a's) by np panels from panel `first` of w into out. */
+static void tile(const Mat *w, int64_t first, int mr, int np, const float *x, int64_t ldx, int64_t n_in,
+                 const Act *a, int64_t row, float out[][MOST_PANELS * PANEL]) {
+    if (w->q4) {
+        q4tile_for(mr, np)(a, row, w, first, out);
+    } else if (w->q) {
+        q8tile_for(mr, np)(a, row, w, first, out);
+    } else {
+        tile_for(mr, np)(x + row * ldx, ldx, w->f + first * n_in * PANEL, n_in, out);
+    }
+}
 
 /* y (m rows, ldy apart) gets x (m rows, ldx apart) times packed weight w (n_out, n_in) plus b
- * (NULL: none), as `how` says. A worksharing loop: call it inside a parallel region; its threads
- * take contiguous runs of panels, each applied to every row while it sits in their cache. */
+ * (NULL: none), as `how` says; a quantized w's products take x's rows quantized into a. A
+ * worksharing loop: call it inside a parallel region; its threads take contiguous runs of panels,
+ * each applied to every row while it sits in their cache. */
 static void packed_rows(const float *x, int64_t m, int64_t ldx, const Mat *w, const float *b, float *y, int64_t ldy,
-                        int64_t n_out, int64_t n_in, int how) {
+                        int64_t n_out, int64_t n_in, int how, const Act *room) {
+    Act act = room ? *room : (Act){0}, *a = &act;
+    act.groups = (n_in + QK - 1) / QK;
+    if (quantized(w)) quantize_rows(x, m, ldx, n_in, a); /* its loop's barrier: every row done before any tile */
     const int64_t panels = (n_out + PANEL - 1) / PANEL;
-    const int np = tile_panels(m);
+    const int np = tile_panels(w, m), most_rows = quantized(w) ? QTILE_ROWS : TILE_ROWS;
     const int64_t groups = (panels + np - 1) / np;
-    const int64_t tiles = (m + TILE_ROWS - 1) / TILE_ROWS; /* rows split evenly: 8 as 4 + 4, not 6 + 2 */
+    const int64_t tiles = (m + most_rows - 1) / most_rows; /* rows split evenly: 8 as 4 + 4, not 6 + 2 */
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t first = g * np;
@@ -302,16 +446,28 @@ static void packed_rows(const float *x, int64_t m, int64_t ldx, const Mat *w, co
         for (int64_t t = 0, row = 0; t < tiles; t++) {
             const int mr = (int)(m / tiles + (t < m % tiles));
             if (n == np) {
-                tile(w, first, mr, np, x + row * ldx, ldx, n_in, out);
+                tile(w, first, mr, np, x, ldx, n_in, a, row, out);
             } else { /* the last group's panels one by one */
                 for (int j = 0; j < n; j++)
-                    tile(w, first + j, mr, 1, x + row * ldx, ldx, n_in, (float(*)[MOST_PANELS * PANEL])(out[0] + j * PANEL));
+                    tile(w, first + j, mr, 1, x, ldx, n_in, a, row, (float(*)[MOST_PANELS * PANEL])(out[0] + j * PANEL));
             }
             const int64_t col0 = first * PANEL, cols = n_out - col0 < n * PANEL ? n_out - col0 : n * PANEL;
             for (int r = 0; r < mr; r++) put(y + (row + r) * ldy + col0, out[r], b ? b + col0 : NULL, cols, how);
             row += mr;
         }
     }
+}
+
+/* Room for m rows of up to n_in inputs quantized (Act), or NULL where memory ran out; free() it. */
+static void *act_alloc(Act *a, int64_t m, int64_t n_in) {
+    const int64_t groups = (n_in + QK - 1) / QK;
+    char *room = malloc((size_t)(m * groups * (QK + sizeof(float) + sizeof(int32_t))));
+    if (room != NULL) {
+        a->d = (float *)room;
+        a->sum = (int32_t *)(a->d + m * groups);
+        a->q = (int8_t *)(a->sum + m * groups);
+    }
+    return room;
 }
 
 /* LayerNorm (bias: its bias) or, where rms, RMSNorm (no mean, no bias), of x (n) into y. */
@@ -480,14 +636,20 @@ int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, void *
         S = pos[b] + 1 > S ? pos[b] + 1 : S;
     }
     float *scratch = malloc(sizeof(float) * (B * (2 * C + qkvC + n_fc) + B * n_head * S));
-    if (scratch == NULL) return -1;
+    Act act;
+    void *room = act_alloc(&act, B, n_in > C ? n_in : C); /* the quantized products' inputs */
+    if (scratch == NULL || room == NULL) {
+        free(scratch);
+        free(room);
+        return -1;
+    }
     float *h = scratch, *qkv = h + B * C, *y = qkv + B * qkvC, *f = y + B * C, *scores = f + B * n_fc;
     const float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) norm(x + b * C, blk->ln1_w, blk->ln1_b, h + b * C, C, blk->eps, blk->rms);
-        packed_rows(h, B, C, &blk->attn, blk->attn_b, qkv, qkvC, qkvC, C, STORE);
+        packed_rows(h, B, C, &blk->attn, blk->attn_b, qkv, qkvC, qkvC, C, STORE, &act);
         /* each row's new key (rotated) and value into the cache, before any query reads them */
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * n_kv; i++) {
@@ -512,10 +674,10 @@ int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, void *
             attend(q, kv_at(k, kv_type, at), kv_at(v, kv_type, at), kv_type, pos[b] + 1, pos_stride, hd, scale,
                    scores + i * S, y + b * C + head * hd);
         }
-        packed_rows(y, B, C, &blk->attn_proj, blk->attn_proj_b, x, C, C, C, ADD);
+        packed_rows(y, B, C, &blk->attn_proj, blk->attn_proj_b, x, C, C, C, ADD, &act);
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) norm(x + b * C, blk->ln2_w, blk->ln2_b, h + b * C, C, blk->eps, blk->rms);
-        packed_rows(h, B, C, &blk->fc, blk->fc_b, f, n_fc, n_fc, C, blk->swiglu ? STORE : GELU);
+        packed_rows(h, B, C, &blk->fc, blk->fc_b, f, n_fc, n_fc, C, blk->swiglu ? STORE : GELU, &act);
         if (blk->swiglu) { /* silu(gate) * up into the gate's place: silu(g) = g/2 (1 + tanh(g/2)) */
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++) {
@@ -525,15 +687,22 @@ int block_rows(const Block *blk, float *x, int64_t B, const int64_t *pos, void *
                     gate[c] = 0.5f * gate[c] * (1.0f + tanh_rational(0.5f * gate[c])) * up[c];
             }
         }
-        packed_rows(f, B, n_fc, &blk->mlp_proj, blk->mlp_proj_b, x, C, C, n_in, ADD);
+        packed_rows(f, B, n_fc, &blk->mlp_proj, blk->mlp_proj_b, x, C, C, n_in, ADD, &act);
     }
     free(scratch);
+    free(room);
     return 0;
 }
 
-/* y (m, n_out) = x (m, n_in) times packed weight w plus b (NULL: none): a Linear on any number of rows. */
-void packed_product(const float *x, int64_t m, const Mat *w, const float *b, float *y, int64_t n_out, int64_t n_in,
-                    int threads) {
+/* y (m, n_out) = x (m, n_in) times packed weight w plus b (NULL: none): a Linear on any number of rows.
+ * Returns 0, or -1 where memory ran out. */
+int packed_product(const float *x, int64_t m, const Mat *w, const float *b, float *y, int64_t n_out, int64_t n_in,
+                   int threads) {
+    Act act;
+    void *room = quantized(w) ? act_alloc(&act, m, n_in) : NULL;
+    if (quantized(w) && room == NULL) return -1;
     #pragma omp parallel num_threads(threads)
-    packed_rows(x, m, n_in, w, b, y, n_out, n_out, n_in, STORE);
+    packed_rows(x, m, n_in, w, b, y, n_out, n_out, n_in, STORE, room ? &act : NULL);
+    free(room);
+    return 0;
 }

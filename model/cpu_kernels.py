@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 PANEL = 16  # cpu_kernels.c's PANEL: outputs per panel
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
-QK = 32  # cpu_kernels.c's QK: inputs that share one scale an output in int8 weights
+ROWS_AT_ONCE = 4096  # outputs quantized together (a multiple of PANEL)
+QK = 32  # cpu_kernels.c's QK: inputs that share one scale an output in quantized weights
 VECTORS = ("ln1_w", "ln1_b", "attn_b", "attn_proj_b", "ln2_w", "ln2_b", "fc_b", "mlp_proj_b")
 MATRICES = ("attn", "attn_proj", "fc", "mlp_proj")
 # cpu_kernels.c's KV_F32, KV_F16: the element types a key/value pool may have
@@ -55,11 +57,10 @@ KV_TYPES = {torch.float32: 0, torch.float16: 1}
 
 
 class _Mat(ctypes.Structure):
-    """cpu_kernels.c's Mat: a packed weight, float panels f, int8 panels q with their scales s, or four-bit
-    panels q4 with their scales s and minimums m."""
+    """cpu_kernels.c's Mat: a packed weight, float panels f; int8 panels q with half scales s and their runs'
+    sums; or four-bit panels q4 with half scales s and minimums m."""
 
-    _fields_ = [("f", ctypes.c_void_p), ("q", ctypes.c_void_p), ("s", ctypes.c_void_p), ("q4", ctypes.c_void_p),
-                ("m", ctypes.c_void_p)]
+    _fields_ = [(name, ctypes.c_void_p) for name in ("f", "q", "q4", "s", "m", "sums")]
 
 
 class _Block(ctypes.Structure):
@@ -107,7 +108,7 @@ def library() -> ctypes.CDLL:
     lib.block_rows.restype = ctypes.c_int
     lib.packed_product.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Mat), *[ctypes.c_void_p] * 2,
                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    lib.packed_product.restype = None
+    lib.packed_product.restype = ctypes.c_int
     return lib
 
 
@@ -118,38 +119,73 @@ def pack(weight: Tensor) -> Tensor:
     return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
 
 
-def pack_q8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """weight (out, in) as int8 panels (ceil(out / PANEL), groups, QK, PANEL) and their float scales
-    (ceil(out / PANEL), groups, PANEL), groups = ceil(in / QK): each output's run of QK inputs
-    scaled by its largest magnitude / 127, as GGUF's Q8_0 (a GGUF Q8_0 weight comes back exactly)."""
+def _runs(weight: Tensor) -> Tensor:
+    """weight (out, in) as float runs (out padded to whole panels, groups, QK), groups = ceil(in / QK), zeros
+    in the padding."""
     out_features, in_features = weight.shape
     groups = -(-in_features // QK)
     padded = F.pad(weight.detach().float(), (0, groups * QK - in_features, 0, -out_features % PANEL))
-    runs = padded.view(padded.size(0), groups, QK)  # (out, groups, QK)
-    scale = runs.abs().amax(dim=-1) / 127  # (out, groups)
-    q = torch.round(runs / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).clamp(-127, 127)
-    q = q.to(torch.int8).view(-1, PANEL, groups, QK).permute(0, 2, 3, 1).contiguous()  # (panels, groups, QK, PANEL)
-    return q, scale.view(-1, PANEL, groups).transpose(1, 2).contiguous()  # (panels, groups, PANEL)
+    return padded.view(padded.size(0), groups, QK)
+
+
+def _per_panel(t: Tensor) -> Tensor:
+    """(out padded, groups) per output and run as (panels, groups, PANEL): a panel's sixteen side by side."""
+    return t.view(-1, PANEL, t.size(1)).transpose(1, 2).contiguous()
+
+
+def _half(t: Tensor) -> Tensor:
+    """t rounded to half precision and back: the scales as stored."""
+    return t.to(torch.float16).float()
+
+
+def pack_q8(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """_pack_q8 a slice of outputs at a time."""
+    return _by_slices(_pack_q8, weight)
 
 
 def pack_q4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """weight (out, in) as four-bit panels (ceil(out / PANEL), groups, QK, PANEL / 2), byte i of an input
-    holding lane i low and lane i + 8 high, with float scales and minimums (ceil(out / PANEL), groups,
-    PANEL): each output's run of QK inputs as 16 levels from its least to its largest, as GGUF's Q4_1
-    (a GGUF Q4_1 weight comes back exactly)."""
-    out_features, in_features = weight.shape
-    groups = -(-in_features // QK)
-    padded = F.pad(weight.detach().float(), (0, groups * QK - in_features, 0, -out_features % PANEL))
-    runs = padded.view(padded.size(0), groups, QK)  # (out, groups, QK)
+    """_pack_q4 a slice of outputs at a time."""
+    return _by_slices(_pack_q4, weight)
+
+
+def _by_slices(pack_rows: Callable[[Tensor], tuple[Tensor, ...]], weight: Tensor) -> tuple[Tensor, ...]:
+    """pack_rows over weight's outputs ROWS_AT_ONCE at a time, the panels joined: quantizing takes a few
+    float copies of what it quantizes, which for a whole embedding is hundreds of MB."""
+    parts = [pack_rows(weight[start : start + ROWS_AT_ONCE]) for start in range(0, weight.size(0), ROWS_AT_ONCE)]
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+
+def _pack_q8(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """weight (out, in) as int8 panels (ceil(out / PANEL), groups, QK / 4, PANEL, 4), groups = ceil(in / QK),
+    with half scales and each run's sum of int8 weights (ceil(out / PANEL), groups, PANEL): each output's
+    run of QK inputs scaled by its largest magnitude / 127, as GGUF's Q8_0 (a GGUF Q8_0 weight comes
+    back exactly)."""
+    runs = _runs(weight)  # (out, groups, QK)
+    scale = _half(runs.abs().amax(dim=-1) / 127)  # (out, groups)
+    q = torch.round(runs / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)).clamp(-127, 127)
+    q = q.to(torch.int8)
+    panels = q.view(-1, PANEL, q.size(1), QK // 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+    sums = q.sum(dim=-1, dtype=torch.int16)  # (out, groups): at most 32 * 127 in magnitude
+    return panels, _per_panel(scale.to(torch.float16)), _per_panel(sums)
+
+
+def _pack_q4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """weight (out, in) as four-bit panels (ceil(out / PANEL), groups, QK / 8, PANEL, 4), byte [t, o, i]
+    holding input 8 t + i of output o low and 8 t + 4 + i high, with half scales and minimums
+    (ceil(out / PANEL), groups, PANEL): each output's run of QK inputs as 16 levels from its least to
+    its largest, as GGUF's Q4_1 (a GGUF Q4_1 weight comes back exactly)."""
+    in_features = weight.size(1)
+    runs = _runs(weight)  # (out, groups, QK)
+    groups = runs.size(1)
     real = (torch.arange(groups * QK) < in_features).view(groups, QK)  # the padding is no input's weight
-    least = runs.masked_fill(~real, float("inf")).amin(dim=-1)  # (out, groups)
+    least = _half(runs.masked_fill(~real, float("inf")).amin(dim=-1))  # (out, groups)
     most = runs.masked_fill(~real, float("-inf")).amax(dim=-1)
-    scale = (most - least) / 15
+    scale = _half((most - least) / 15)
     q = torch.round((runs - least.unsqueeze(-1)) / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))
-    q = q.clamp(0, 15).to(torch.uint8).view(-1, PANEL, groups, QK).permute(0, 2, 3, 1)  # (panels, groups, QK, PANEL)
-    nibbles = (q[..., : PANEL // 2] | (q[..., PANEL // 2 :] << 4)).contiguous()
-    per_panel = lambda t: t.view(-1, PANEL, groups).transpose(1, 2).contiguous()  # noqa: E731
-    return nibbles, per_panel(scale), per_panel(least)
+    q = q.clamp(0, 15).to(torch.uint8).view(-1, PANEL, groups, QK // 8, 2, 4)  # [o, g, t, half, i]
+    q = q.permute(0, 2, 3, 4, 1, 5)  # (panels, groups, t, half, PANEL, 4)
+    nibbles = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).contiguous()
+    return nibbles, _per_panel(scale.to(torch.float16)), _per_panel(least.to(torch.float16))
 
 
 def unpack(linear: "PackedLinear", idx: Tensor) -> Tensor:
@@ -157,12 +193,13 @@ def unpack(linear: "PackedLinear", idx: Tensor) -> Tensor:
     panel, lane = idx // PANEL, idx % PANEL
     if linear.precision == "float32":
         return linear.packed[panel, :, lane]
+    scale = linear.scales[panel, :, lane].float().unsqueeze(-1)  # (..., groups, 1)
     if linear.precision == "q8":
-        runs = linear.q[panel, :, :, lane].float() * linear.scales[panel, :, lane].unsqueeze(-1)  # (..., groups, QK)
+        runs = linear.q[panel, :, :, lane].flatten(-2).float() * scale  # (..., groups, QK)
     else:
-        byte = linear.q4[panel, :, :, lane % (PANEL // 2)]  # (..., groups, QK)
-        nibble = torch.where((lane >= PANEL // 2).view(*lane.shape, 1, 1), byte >> 4, byte & 15)
-        runs = nibble.float() * linear.scales[panel, :, lane].unsqueeze(-1) + linear.mins[panel, :, lane].unsqueeze(-1)
+        byte = linear.q4[panel, :, :, lane]  # (..., groups, QK / 8, 4)
+        levels = torch.stack((byte & 15, byte >> 4), dim=-2).flatten(-3)  # (..., groups, QK)
+        runs = levels.float() * scale + linear.mins[panel, :, lane].float().unsqueeze(-1)
     return runs.flatten(-2)[..., : linear.in_features]
 
 
@@ -177,16 +214,16 @@ class PackedLinear(nn.Module):
         self.precision = precision
         frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
         if precision == "q8":
-            q, scales = pack_q8(linear.weight)
-            self.q, self.scales = frozen(q), frozen(scales)
-            self.mat = _Mat(None, self.q.data_ptr(), self.scales.data_ptr(), None, None)
+            q, scales, sums = pack_q8(linear.weight)
+            self.q, self.scales, self.sums = frozen(q), frozen(scales), frozen(sums)
+            self.mat = _Mat(q=q.data_ptr(), s=scales.data_ptr(), sums=sums.data_ptr())
         elif precision == "q4":
             q4, scales, mins = pack_q4(linear.weight)
             self.q4, self.scales, self.mins = frozen(q4), frozen(scales), frozen(mins)
-            self.mat = _Mat(None, None, self.scales.data_ptr(), self.q4.data_ptr(), self.mins.data_ptr())
+            self.mat = _Mat(q4=q4.data_ptr(), s=scales.data_ptr(), m=mins.data_ptr())
         elif precision == "float32":
             self.packed = frozen(pack(linear.weight))
-            self.mat = _Mat(self.packed.data_ptr(), None, None, None, None)
+            self.mat = _Mat(f=self.packed.data_ptr())
         else:
             raise ValueError(f"packed weights are float32, q8 or q4, not {precision!r}")
         self.bias = linear.bias  # the same tensor
@@ -197,9 +234,10 @@ class PackedLinear(nn.Module):
             raise ValueError(f"a PackedLinear takes float32 input on CPU, not {x.dtype} on {x.device}")
         flat = x.reshape(-1, self.in_features).contiguous()  # (N, in)
         y = torch.empty(flat.size(0), self.out_features)
-        self._lib.packed_product(flat.data_ptr(), flat.size(0), ctypes.byref(self.mat),
-                                 None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
-                                 self.out_features, self.in_features, torch.get_num_threads())
+        if self._lib.packed_product(flat.data_ptr(), flat.size(0), ctypes.byref(self.mat),
+                                    None if self.bias is None else self.bias.data_ptr(), y.data_ptr(),
+                                    self.out_features, self.in_features, torch.get_num_threads()):
+            raise MemoryError("packed product: no memory for its quantized inputs")
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -214,7 +252,7 @@ class PackedEmbedding(nn.Module):
         # not a child module (the head is the model's lm_head); its float tensor is where the
         # model's device and dtype are read: float32
         self._head = (head,)
-        self.weight = head.packed if head.precision == "float32" else head.scales
+        self.weight = head.packed if head.precision == "float32" else torch.empty(0)
 
     def forward(self, idx: Tensor) -> Tensor:
         return unpack(self._head[0], idx)  # (..., n_embd)
@@ -286,6 +324,15 @@ class RowStepBlock(nn.Module):
         return y.view(x.shape)
 
 
+def kernels_available() -> bool:
+    """Whether cpu_kernels.c is built or can be (use_packed_weights says why not where it cannot)."""
+    try:
+        library()
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
 def use_packed_weights(model: GPT, precision: str = "float32") -> bool:
     """Put PackedLinears in place of model's Linears (a float32 model on CPU; its weights in precision:
     float32, q8 or q4, where the LM head takes q8), a PackedEmbedding in place of an embedding tied to the LM head, and RowStepBlocks
@@ -299,7 +346,7 @@ def use_packed_weights(model: GPT, precision: str = "float32") -> bool:
         log.warning("the packed-weight kernels could not be built (%s); layers use their own code", detail.strip()[:500])
         return False
     tied = model.lm_head.weight is model.transformer.wte.weight
-    _pack_linears(model.transformer, lib, precision)
+    pack_linears(model.transformer, lib, precision)
     # in q4 the output layer keeps 8 bits, as llama.cpp's 4-bit files keep it in Q6_K or Q8_0
     model.lm_head = PackedLinear(model.lm_head, lib, "q8" if precision == "q4" else precision)
     if tied:
@@ -308,9 +355,10 @@ def use_packed_weights(model: GPT, precision: str = "float32") -> bool:
     return True
 
 
-def _pack_linears(module: nn.Module, lib: ctypes.CDLL, precision: str) -> None:
+def pack_linears(module: nn.Module, lib: ctypes.CDLL, precision: str) -> None:
+    """module's nn.Linears, at any depth, replaced by PackedLinears of precision (those already packed kept)."""
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(module, name, PackedLinear(child, lib, precision))
         else:
-            _pack_linears(child, lib, precision)
+            pack_linears(child, lib, precision)

@@ -9,6 +9,7 @@ recover the parameters transformers uses and check that they reproduce every fac
 
 import math
 import sys
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _Q = gguf.GGMLQuantizationType
+ROWS_AT_ONCE = 4096  # rows of a tensor decoded together
 SUPPORTED_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q8_0, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1,
                    _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K)
 
@@ -89,26 +91,60 @@ def read_gguf_metadata(path: Path) -> GGUFModel:
     return _describe(Path(path), _open(Path(path)))
 
 
-def read_gguf(path: Path, *, progress: bool = True) -> tuple[GGUFModel, dict[str, torch.Tensor]]:
-    """The model description and its float32 state dict, under transformers' names and shapes."""
+def read_gguf(path: Path, *, progress: bool = True) -> tuple[GGUFModel, "GGUFTensors"]:
+    """The model description and its float32 state dict, under transformers' names and shapes: each
+    tensor decoded when taken, so that a loader that packs weights as they come never holds the whole
+    model in float32."""
     path = Path(path)
     reader = _open(path)
     model = _describe(path, reader)
-    tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
-    state: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=sum(int(t.n_bytes) for t in tensors), unit="B", unit_scale=True,
-               desc=f"loading {path.name}", disable=not progress, file=sys.stderr)
-    with bar:
-        for tensor in tensors:
-            name = _hf_name(path, tensor.name)
-            weights = _dequantize(path, tensor)  # (out, in) or (n,)
-            if model.architecture == "llama" and ".q_proj." in name:
-                weights = _unpermute(weights, model.hf_config["num_attention_heads"])
-            elif model.architecture == "llama" and ".k_proj." in name:
-                weights = _unpermute(weights, model.hf_config["num_key_value_heads"])
-            state[name] = torch.from_numpy(weights)
-            bar.update(int(tensor.n_bytes))
-    return model, state
+    config = model.hf_config
+    # llama's q and k are stored permuted (see _unpermute), qwen2's as they are
+    heads = ({".q_proj.": config["num_attention_heads"], ".k_proj.": config["num_key_value_heads"]}
+             if model.architecture == "llama" else {})
+    return model, GGUFTensors(path, reader, heads, progress=progress)
+
+
+class GGUFTensors(MutableMapping[str, torch.Tensor]):
+    """A GGUF file's tensors (rope_freqs aside, see _rope_scaling) by transformers' names, decoded to
+    float32 at each read; deleting a name forgets it. The progress bar counts the file's bytes as
+    tensors are first read, and closes when every tensor has been."""
+
+    def __init__(self, path: Path, reader: gguf.GGUFReader, heads: dict[str, int], *, progress: bool) -> None:
+        self._path = path
+        self._tensors = {_hf_name(path, t.name): t for t in reader.tensors if t.name != "rope_freqs.weight"}
+        self._heads = heads  # name part -> heads: tensors to un-permute
+        self._unread = set(self._tensors)
+        self._bar = tqdm(total=sum(int(t.n_bytes) for t in self._tensors.values()), unit="B", unit_scale=True,
+                         desc=f"loading {path.name}", disable=not progress, file=sys.stderr)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        weights = _dequantize(self._path, tensor)  # (out, in) or (n,)
+        for part, n_head in self._heads.items():
+            if part in name:
+                weights = _unpermute(weights, n_head)
+        if name in self._unread:
+            self._unread.discard(name)
+            self._bar.update(int(tensor.n_bytes))
+            if not self._unread:
+                self._bar.close()
+        return torch.from_numpy(weights)
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        raise TypeError("a GGUF file's tensors are read-only")
+
+    def __delitem__(self, name: str) -> None:
+        del self._tensors[name]
+        self._unread.discard(name)
+        if not self._unread:
+            self._bar.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._tensors))
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def _open(path: Path) -> gguf.GGUFReader:
@@ -259,13 +295,24 @@ def _hf_name(path: Path, name: str) -> str:
 
 
 def _dequantize(path: Path, tensor: Any) -> np.ndarray:
+    """tensor's values as float32 (out, in) or (n,), decoded a slice of rows at a time: gguf's decoders
+    take a few float copies of what they decode, which for a whole embedding is hundreds of MB."""
+    data = tensor.data
     try:
-        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if data.ndim < 2 or len(data) <= ROWS_AT_ONCE:
+            weights = gguf.quants.dequantize(data, tensor.tensor_type)
+            # F32 comes back as a view of the read-only memory map; copy it out.
+            return np.array(weights, dtype=np.float32, copy=not weights.flags.writeable)
+        first = gguf.quants.dequantize(data[:ROWS_AT_ONCE], tensor.tensor_type)
+        weights = np.empty((len(data), *first.shape[1:]), dtype=np.float32)
+        weights[:ROWS_AT_ONCE] = first
+        for start in range(ROWS_AT_ONCE, len(data), ROWS_AT_ONCE):
+            weights[start : start + ROWS_AT_ONCE] = gguf.quants.dequantize(data[start : start + ROWS_AT_ONCE],
+                                                                            tensor.tensor_type)
+        return weights
     except (ValueError, NotImplementedError) as error:
         raise GGUFError(f"{path.name}: tensor {tensor.name} cannot be decoded ({error}); "
                         "supported: well-formed files") from error
-    # F32 comes back as a view of the read-only memory map; copy it out.
-    return np.array(weights, dtype=np.float32, copy=not weights.flags.writeable)
 
 
 def _unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:

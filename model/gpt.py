@@ -265,14 +265,18 @@ class GPT(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state, assign=True)
-        if config.tie_embeddings:  # assign gives each name its own Parameter: tie them again
-            model.lm_head.weight = model.transformer.wte.weight
-        # computed buffers are not in state: build them again off the meta device
-        if model.rotary is not None:
-            model.rotary = RotaryTable(config)
-        if config.pos_encoding == "sinusoidal":
-            model.transformer.wpe = SinusoidalPositions(config)
+        model.loaded()
         return model
+
+    def loaded(self) -> None:
+        """After a GPT built on the meta device got its weights by assignment: the tied LM head tied
+        again (assign gives each name its own Parameter), the computed buffers built off the meta device."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if self.rotary is not None:
+            self.rotary = RotaryTable(self.config)
+        if self.config.pos_encoding == "sinusoidal":
+            self.transformer.wpe = SinusoidalPositions(self.config)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -286,6 +290,12 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         """Number of parameters, the tied embedding / LM head counted once."""
         return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def params_of(cls, config: GPTConfig) -> int:
+        """num_params of a GPT of config, without building one (an engine's packed weights count otherwise)."""
+        with torch.device("meta"):
+            return cls(config).num_params()
 
     def _embed(self, idx: Tensor, pos: Tensor) -> tuple[Tensor, Rope | None]:
         """Token (and absolute position) embeddings of idx at positions pos, and the rotary

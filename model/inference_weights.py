@@ -10,15 +10,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from model.cpu_kernels import use_packed_weights
-from model.gpt import GPT
+from model.cpu_kernels import PackedLinear, kernels_available, library, pack_linears, use_packed_weights
+from model.gpt import GPT, Block
 
 log = logging.getLogger(__name__)
 
 # float32: as trained. bfloat16: half the bytes; fast where the hardware has bf16 (CUDA).
-# q8: every Linear (the LM head too) keeps int8 weights, a float scale per 32 inputs of an output
-# (as GGUF's Q8_0), which model.cpu_kernels's products widen in registers; activations stay
-# float32, so a row's result does not depend on the rest of its batch. CPU only.
+# q8: every Linear (the LM head too) keeps int8 weights, a half-precision scale per 32 inputs of an
+# output (as GGUF's Q8_0); model.cpu_kernels's products are integer products, each row's inputs
+# quantized to int8 per run of 32 (as llama.cpp's), row by row, so a row's result does not depend
+# on the rest of its batch. CPU only.
 # q4: the same with four bits a weight, a scale and a minimum per 32 inputs (as GGUF's Q4_1).
 # int8: every Linear with int8 weights and activations quantized per call (torch dynamic
 # quantization, fbgemm), CPU only. It quantizes a whole batch's activations with one scale, so a
@@ -30,6 +31,20 @@ GGUF_PRECISIONS = {
     **dict.fromkeys(("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"), "q4"),
     **dict.fromkeys(("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"), "q8"),
 }
+
+
+def packing(setting: str) -> Callable[[Block, str], None]:
+    """model.checkpoint.load_model's on_block for an engine in precision setting: a block's Linears packed
+    as it loads, where the precision chosen for the file (choose_precision on CPU) is q8 or q4, so that the
+    model is never whole in float32; prepare completes such a model in place. Nothing where the C kernels
+    cannot be built (prepare then says so)."""
+
+    def pack(block: Block, stored_as: str) -> None:
+        precision = choose_precision(setting, stored_as, "cpu")
+        if precision in ("q8", "q4") and kernels_available():
+            pack_linears(block, library(), precision)
+
+    return pack
 
 
 def choose_precision(setting: str, stored_as: str, device: str) -> str:
@@ -116,6 +131,12 @@ def prepare(model: GPT, precision: str) -> GPT:
             return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=False)
     if precision == "bfloat16":
         return copy.deepcopy(model).to(torch.bfloat16)
+    packed = {m.precision for m in model.transformer.h.modules() if isinstance(m, PackedLinear)}
+    if packed:  # loaded through packing(): complete it in place, its float weights are not wanted
+        if packed != {precision}:
+            raise ValueError(f"the model was loaded with {'/'.join(sorted(packed))} weights, not {precision}")
+        use_packed_weights(model, precision)
+        return model
     # a new module tree over the same tensors: only packed (or input-major) weights take new memory
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     model = copy.deepcopy(model, memo=shared)

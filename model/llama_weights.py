@@ -6,6 +6,7 @@ stores each group as one (c_attn, c_fc), so that a block runs four products, as 
 A GGUF file gives the same config and tensors (model.gguf_file), so both roads end here.
 """
 
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -76,16 +77,17 @@ def llama_config(raw: dict[str, Any], max_context: int | None = None) -> GPTConf
         raise UnsupportedModel(str(e)) from e
 
 
-def llama_state(hf: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
-    """Our state dict (float32; the tied LM head left out) from transformers' tensor names.
+def llama_parts(hf: MutableMapping[str, Tensor], config: GPTConfig) -> Iterator[dict[str, Tensor]]:
+    """Our state dict (float32; the tied LM head left out) from transformers' tensor names, a block's
+    tensors at a time, then the rest.
 
     hf is emptied as its tensors move over, so that each separate q, k, v (and gate, up) is freed
-    once joined: a model's weights are in memory about once, not twice, while it loads.
+    once joined, and a loader that takes each part as it comes holds one block in float32 at a time
+    (hf may decode each tensor as it is taken: model.gguf_file.GGUFTensors).
     Missing or unexpected names are left for the caller's check against the network.
     """
     for name in [k for k in hf if k.endswith(_COMPUTED)]:
         del hf[name]
-    state: dict[str, Tensor] = {}
 
     def take(name: str) -> Tensor:
         return hf.pop(name).float()
@@ -106,17 +108,19 @@ def llama_state(hf: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
         }
         if config.qkv_bias:
             moves["attn.c_attn.bias"] = take_all([a + ".bias" for a in attn])
-        state.update({dst + k: v for k, v in moves.items() if v.numel()})
+        yield {dst + k: v for k, v in moves.items() if v.numel()}
+    rest: dict[str, Tensor] = {}
     for ours, theirs in (("transformer.wte.weight", "model.embed_tokens.weight"),
                          ("transformer.ln_f.weight", "model.norm.weight")):
         if theirs in hf:
-            state[ours] = take(theirs)
-    head = hf.pop("lm_head.weight", None)
-    if head is not None and not config.tie_embeddings:
-        state["lm_head.weight"] = head.float()
-    state.update(hf)  # whatever is left is unexpected: the caller names it
+            rest[ours] = take(theirs)
+    if "lm_head.weight" in hf:
+        head = take("lm_head.weight")
+        if not config.tie_embeddings:
+            rest["lm_head.weight"] = head
+    rest.update((name, hf[name]) for name in hf)  # whatever is left is unexpected: the caller names it
     hf.clear()
-    return state
+    yield rest
 
 
 def _int(raw: dict[str, Any], key: str) -> int:

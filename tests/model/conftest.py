@@ -80,17 +80,26 @@ def batched_tokens() -> BatchedTokens:
     return run
 
 
-@pytest.fixture(scope="module", params=["native", "avx2"])
+# builds beside the native one: their flags and what they test
+BUILDS = {
+    "avx2": (("-mno-avx512f",), "the AVX2 tiles (vpmaddubsw for the integer products)"),
+    "avx512-no-vnni": (("-mno-avx512vnni",), "AVX-512 integer products without VNNI (vpmaddubsw)"),
+    "generic": (("-mno-avx512f", "-mno-avx2", "-mno-f16c"), "the plain C loops any CPU runs"),
+}
+
+
+@pytest.fixture(scope="module", params=["native", *BUILDS])
 def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ctypes.CDLL]:
-    """cpu_kernels.c as built for this CPU, and built without AVX-512: the AVX2 tiles, whatever this CPU has."""
+    """cpu_kernels.c as built for this CPU, and as built without some of its instructions (see BUILDS),
+    whatever this CPU has."""
     if request.param == "native":
         yield cpu_kernels.library()
         return
     if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the AVX2 build is for x86-64")
+        pytest.skip("the builds without AVX-512 or AVX2 are for x86-64")
     patch = pytest.MonkeyPatch()
-    patch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-mno-avx512f"))
-    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("avx2")))
+    patch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, *BUILDS[request.param][0]))
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp(request.param)))
     cpu_kernels.library.cache_clear()
     try:
         yield cpu_kernels.library()

@@ -25,21 +25,36 @@ LLAMA = GPTConfig(vocab_size=300, block_size=40, n_layer=2, n_head=4, n_embd=96,
 QUANTIZED = pytest.mark.parametrize("precision", ["q8", "q4"])
 
 
+def half(t: torch.Tensor) -> torch.Tensor:
+    return t.half().float()
+
+
 def reference_weight(weight: torch.Tensor, precision: str) -> torch.Tensor:
     """Each output's runs of 32 inputs rounded, in plain PyTorch: q8 to 255 levels of its largest
-    magnitude, q4 to 16 levels from its least to its largest."""
+    magnitude, q4 to 16 levels from its least to its largest, scales and minimums in half precision."""
     out_features, in_features = weight.shape
     result = torch.empty_like(weight)
     for start in range(0, in_features, QK):
         run = weight[:, start : start + QK]
         if precision == "q8":
-            scale = run.abs().amax(dim=1, keepdim=True) / 127
+            scale = half(run.abs().amax(dim=1, keepdim=True) / 127)
             rounded = torch.where(scale > 0, torch.round(run / scale).clamp(-127, 127) * scale, 0)
         else:
-            least = run.amin(dim=1, keepdim=True)
-            scale = (run.amax(dim=1, keepdim=True) - least) / 15
+            least = half(run.amin(dim=1, keepdim=True))
+            scale = half((run.amax(dim=1, keepdim=True) - least) / 15)
             rounded = torch.where(scale > 0, torch.round((run - least) / scale).clamp(0, 15) * scale, 0) + least
         result[:, start : start + QK] = rounded
+    return result
+
+
+def reference_input(x: torch.Tensor) -> torch.Tensor:
+    """Each row's runs of 32 inputs as the integer products take them: 255 levels of its largest magnitude."""
+    result = torch.empty_like(x)
+    for start in range(0, x.size(-1), QK):
+        run = x[..., start : start + QK]
+        scale = run.abs().amax(dim=-1, keepdim=True) / 127
+        inverse = torch.where(scale > 0, 1 / scale, 0)
+        result[..., start : start + QK] = torch.round(run * inverse) * scale
     return result
 
 
@@ -53,7 +68,8 @@ def test_products_give_the_dequantized_weights_product_for_odd_sizes(kernels: ct
         for bias in (True, False):
             linear = torch.nn.Linear(in_features, out_features, bias=bias)
             x = torch.randn(rows, in_features)
-            expected = torch.nn.functional.linear(x, reference_weight(linear.weight.detach(), precision), linear.bias)
+            expected = torch.nn.functional.linear(reference_input(x), reference_weight(linear.weight.detach(), precision),
+                                                  linear.bias)
             with torch.inference_mode():
                 got = PackedLinear(linear, kernels, precision)(x)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -146,3 +162,51 @@ def test_auto_keeps_a_gguf_files_own_quantization(tmp_path, qtype: str, expected
     finally:
         engine.close()
     assert load_model(folder).stored_as == "float32"
+
+
+@pytest.mark.parametrize("family, qtype, precision", [("llama", "Q4_1", "q4"), ("qwen2", "Q8_0", "q8")])
+def test_a_gguf_file_loads_block_by_block_into_its_quantized_layout(tmp_path, family: str, qtype: str,
+                                                                   precision: str) -> None:
+    """Packed as each block loads (no block is left in float32), the same weights and greedy tokens as a
+    float32 load packed afterwards, and the engine completes that model in place."""
+    from fakes.llama_family import save_tiny_llama, write_gguf
+
+    from model.checkpoint import load_model
+    from model.inference_weights import packing
+
+    path = write_gguf(save_tiny_llama(tmp_path / "hf", family=family), tmp_path / f"tiny-{qtype}.gguf", qtype=qtype)
+    seen: list[str] = []
+
+    def pack(block: torch.nn.Module, stored_as: str) -> None:
+        packing("auto")(block, stored_as)
+        seen.append(stored_as)
+
+    streamed = load_model(path, on_block=pack)
+    assert seen == [qtype] * streamed.config.n_layer
+    linears = [m for m in streamed.model.transformer.h.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    assert linears and all(isinstance(m, PackedLinear) and m.precision == precision for m in linears)
+    prepared = prepare(streamed.model, precision)
+    assert prepared is streamed.model, "a model packed while loading is completed in place, not copied"
+    assert prepared.lm_head.precision == "q8"
+    afterwards = prepare(load_model(path).model, precision)
+    for ours, theirs in zip(prepared.state_dict().items(), afterwards.state_dict().items(), strict=True):
+        assert ours[0] == theirs[0] and torch.equal(ours[1], theirs[1]), ours[0]
+    with torch.inference_mode():
+        assert list(generate_tokens(prepared, [5, 6, 7], GREEDY)) == list(generate_tokens(afterwards, [5, 6, 7], GREEDY))
+    with pytest.raises(ValueError, match=f"loaded with {precision} weights"):
+        prepare(prepared, "float32")
+
+
+def test_packing_leaves_float_files_and_float_precisions_in_float32(tmp_path) -> None:
+    from fakes.llama_family import save_tiny_llama
+
+    from model.checkpoint import load_model
+    from model.inference_weights import packing
+
+    folder = save_tiny_llama(tmp_path / "hf")
+    for setting in ("auto", "float32", "bfloat16"):
+        loaded = load_model(folder, on_block=packing(setting))
+        assert not any(isinstance(m, PackedLinear) for m in loaded.model.modules()), setting
+    assert all(isinstance(m, PackedLinear) and m.precision == "q8"
+               for m in load_model(folder, on_block=packing("q8")).model.transformer.h[0].attn.modules()
+               if isinstance(m, (torch.nn.Linear, PackedLinear)))
