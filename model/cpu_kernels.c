@@ -531,19 +531,6 @@ static inline uint16_t to_half(float f) {
     return h;
 }
 
-/* LANES float16 values at p as floats. */
-static inline vec load_half(const uint16_t *p) {
-#if defined(__AVX512F__)
-    return (vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-#elif defined(__AVX2__) && defined(__F16C__)
-    return (vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-#else
-    vec v;
-    for (int i = 0; i < LANES; i++) v[i] = from_half(p[i]);
-    return v;
-#endif
-}
-
 /* x (n) into dst as float16, rounded to nearest even. */
 static void store_halves(uint16_t *dst, const float *x, int64_t n) {
     int64_t i = 0;
@@ -577,7 +564,7 @@ static inline float sum_lanes(vec v) {
 static float dot_half(const float *a, const uint16_t *b, int64_t n) {
     vec sums = splat(0.0f);
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) sums += load(a + i) * load_half(b + i);
+    for (; i + LANES <= n; i += LANES) sums += load(a + i) * halves(b + i);
     float s = sum_lanes(sums);
     for (; i < n; i++) s += a[i] * from_half(b[i]);
     return s;
@@ -588,7 +575,7 @@ static void add_scaled_halves(float *out, float w, const uint16_t *x, int64_t n)
     const vec ws = splat(w);
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
-        const vec sum = load(out + i) + ws * load_half(x + i);
+        const vec sum = load(out + i) + ws * halves(x + i);
         memcpy(out + i, &sum, sizeof sum);
     }
     for (; i < n; i++) out[i] += w * from_half(x[i]);
