@@ -1,5 +1,5 @@
-"""Float32 products on CPU over packed weights, and a lone sequence's decoding step with each
-transformer block one call into C.
+"""Products on CPU over packed weights (float32, or kept in 8 or 4 bits: q8, q4), and a decoding
+step with each transformer block one call into C.
 
 A Linear's weight (out, in) is stored in cpu_kernels.c's panels, sixteen outputs' weights for one
 input side by side, so that its product keeps whole tiles of sums in registers and reads each
@@ -14,6 +14,11 @@ stream from memory, if the step does not stop and start too often. Layer by laye
 small's step made 49 library calls plus the attention's and layer norms' small ops, each with
 its dispatch and its threads' wake-up; block_rows runs a whole block, for one row or a batch's,
 in one OpenMP region, attention included.
+
+Quantized weights (pack_q8, pack_q4: GGUF's Q8_0 and Q4_1 blocks in panels, scales in half
+precision) are multiplied as llama.cpp's are, by integer products over each row's inputs quantized
+to int8 per run of 32 (cpu_kernels.c). A GGUF file's blocks are packed as they load
+(model.inference_weights.packing), so the float32 model is never whole in memory.
 
 The C file is built at first use with the system's C compiler (about a second) and kept in
 the user's cache directory, keyed by its source, the compiler and this CPU. Its OpenMP
