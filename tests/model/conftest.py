@@ -59,25 +59,43 @@ def make_model() -> Callable[..., GPT]:
     return make
 
 
+def served(model: GPT, prompts: list[list[int]], params: SamplingParams, *, max_batch: int = 3,
+           kv_dtype: torch.dtype | None = None, batcher: Batcher | None = None,
+           cache_key: str | None = None) -> list[list[int]]:
+    """Each prompt's tokens from a Batcher of the model (or batcher), as the engine's worker runs it:
+    max_batch 1 serves them one at a time, alone; more rows run them as one busy batch (the later
+    ones wait, then join)."""
+    batcher = batcher or Batcher(model, max_batch=max_batch, cache_bytes=0, prefill_chunk=16, kv_dtype=kv_dtype)
+    requests = [Request(prompt_ids=p, params=params, cache_key=cache_key) for p in prompts]
+    for request in requests:
+        batcher.add(request)
+    tokens: dict[int, list[int]] = {id(r): [] for r in requests}
+    with torch.inference_mode():
+        while not batcher.idle:
+            for request, item in batcher.step():
+                if isinstance(item, int):
+                    tokens[id(request)].append(item)
+    return [tokens[id(r)] for r in requests]
+
+
 @pytest.fixture
 def batched_tokens() -> BatchedTokens:
-    """Runs prompts as one busy batch of 3 rows (the later ones wait, then join) through a Batcher of the
-    model, as the engine's worker does: each prompt's tokens."""
+    """Runs prompts as one busy batch of 3 rows through a Batcher of the model (served)."""
+    return served
 
-    def run(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        batcher = Batcher(model, max_batch=3, cache_bytes=0, prefill_chunk=16)
-        requests = [Request(prompt_ids=p, params=params) for p in prompts]
-        for request in requests:
-            batcher.add(request)
-        tokens: dict[int, list[int]] = {id(r): [] for r in requests}
-        with torch.inference_mode():
-            while not batcher.idle:
-                for request, item in batcher.step():
-                    if isinstance(item, int):
-                        tokens[id(request)].append(item)
-        return [tokens[id(r)] for r in requests]
 
-    return run
+def sharp(model: GPT, seed: int) -> GPT:
+    """Queries and keys large enough that attention picks positions (at GPT-2's initial scale
+    it is near uniform, and a key in the wrong place would change no token); biases and layer
+    norms not at their initial zeros and ones, so each is seen."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("c_attn.weight", "c_fc.weight")):
+                p.normal_(std=0.15)
+            elif name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p), alpha=0.1)
+    return model
 
 
 # builds beside the native one: their flags and what they test

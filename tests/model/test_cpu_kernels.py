@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import cpu_kernels
-from conftest import BatchedTokens
+from conftest import BatchedTokens, sharp
 from model.batching import Batcher, Request
 from model.config import GPTConfig
 from model.cpu_kernels import PackedLinear, RowStepBlock
@@ -40,20 +40,6 @@ GREEDY = SamplingParams(temperature=0, repetition_penalty=1.2, max_new_tokens=70
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def model(request: pytest.FixtureRequest) -> GPT:
     return sharp(GPT(CONFIGS[request.param]).eval(), seed=3)
-
-
-def sharp(model: GPT, seed: int) -> GPT:
-    """Queries and keys large enough that attention picks positions (at GPT-2's initial scale
-    it is near uniform, and a key in the wrong place would change no token); biases and layer
-    norms not at their initial zeros and ones, so each is seen."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("c_attn.weight", "c_fc.weight")):
-                p.normal_(std=0.15)
-            elif name.endswith("bias") or ".ln_" in name:
-                p.add_(torch.randn_like(p), alpha=0.1)
-    return model
 
 
 @pytest.fixture(scope="module")
